@@ -1,0 +1,141 @@
+"""The only module that imports the open-unlearning harness.
+
+It finds the harness, builds our trainer classes on the harness's own `GradDiff` / `NPO` (so they
+inherit its DeepSpeed reference-model path, evaluation and logging), and registers them into the
+harness registries without ever shadowing a harness name.
+
+The harness is found through `OPEN_UNLEARNING_SRC` (a checkout; its `src/` is put on `sys.path`)
+or, failing that, an importable top-level `trainer` module that has `TRAINER_REGISTRY` (the case
+inside `python src/train.py`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+from asu_simu_plugin.methods import METHODS, lazy_trainer_classes
+from asu_simu_plugin.methods.base import TrainerCompatMixin
+
+logger = logging.getLogger(__name__)
+
+ENV_VAR = "OPEN_UNLEARNING_SRC"
+TRAINER_NAMES = tuple(METHODS)
+MODEL_HANDLERS = ("TemperedCausalLM",)
+OPTIMIZER_NAMES = ("SophiaG",)
+
+
+class HarnessNotFoundError(ImportError):
+    """The open-unlearning harness could not be imported."""
+
+
+def _looks_like_harness(trainer_module: ModuleType) -> bool:
+    return hasattr(trainer_module, "TRAINER_REGISTRY") and hasattr(trainer_module, "load_trainer")
+
+
+def harness_src_dir() -> Path | None:
+    """`<checkout>/src` from OPEN_UNLEARNING_SRC (accepts the checkout or its src/), else None."""
+    root = os.environ.get(ENV_VAR)
+    if not root:
+        return None
+    path = Path(root).expanduser().resolve()
+    src = path if (path / "trainer").is_dir() else path / "src"
+    if not (src / "trainer" / "__init__.py").is_file():
+        raise HarnessNotFoundError(
+            f"{ENV_VAR}={root} is not an open-unlearning checkout (no src/trainer/__init__.py "
+            "there); point it at the directory you cloned locuslab/open-unlearning into"
+        )
+    return src
+
+
+def import_harness(module: str = "trainer") -> ModuleType:
+    """Import a top-level harness module (`trainer`, `model`, `data`, `evals`)."""
+    src = harness_src_dir()
+    if src is not None and str(src) not in sys.path:
+        sys.path.insert(0, str(src))
+    try:
+        trainer_module = importlib.import_module("trainer")
+    except ImportError as error:
+        if isinstance(error, ModuleNotFoundError) and error.name == "trainer":
+            raise HarnessNotFoundError(_not_found_message()) from error
+        raise HarnessNotFoundError(
+            f"the open-unlearning harness was found but failed to import ({error}); install its "
+            "requirements (`pip install -r requirements.txt` in the checkout; its `trainer` "
+            "package needs deepspeed)"
+        ) from error
+    if not _looks_like_harness(trainer_module):
+        raise HarnessNotFoundError(
+            f"the importable `trainer` module ({getattr(trainer_module, '__file__', '?')}) is "
+            "not open-unlearning's. " + _not_found_message()
+        )
+    return trainer_module if module == "trainer" else importlib.import_module(module)
+
+
+def _not_found_message() -> str:
+    return (
+        "the open-unlearning harness is not importable. Either set "
+        f"{ENV_VAR}=/path/to/open-unlearning (a checkout of locuslab/open-unlearning), or run "
+        "from inside the harness (`python src/train.py ...` puts its src/ on sys.path). Without "
+        "the harness, use the standalone trainers: `asu_simu_plugin.standalone` or `asu-simu "
+        "unlearn`."
+    )
+
+
+def _bases() -> dict[str, type]:
+    import_harness()
+    grad_diff = importlib.import_module("trainer.unlearn.grad_diff").GradDiff
+    npo = importlib.import_module("trainer.unlearn.npo").NPO
+    return {"GradDiff": grad_diff, "NPO": npo}
+
+
+# ASU, SIMU, SOGradDiff, SONPO on the harness's own bases (built on first access; these
+# `asu_simu_plugin.harness:<Name>` objects are what our `open_unlearning.trainers` entry points name).
+__getattr__ = lazy_trainer_classes(__name__, _bases, front=(TrainerCompatMixin,))
+
+
+def _register_into(registry: dict, name: str, obj) -> bool:
+    """Add `obj` under `name` unless the key is taken; the same object again is a no-op."""
+    existing = registry.get(name)
+    if existing is obj:
+        return False
+    if existing is not None:
+        logger.warning(
+            "open-unlearning already has a %r (%s); asu-simu-plugin leaves it in place",
+            name,
+            getattr(existing, "__module__", type(existing).__name__),
+        )
+        return False
+    registry[name] = obj
+    return True
+
+
+def register() -> list[str]:
+    """Register our trainers, model handlers and optimizers into the running harness.
+
+    Returns the names newly added. Safe to call more than once, and alongside the entry-point
+    patch (names already registered with the same object are skipped silently).
+    """
+    trainer_module = import_harness("trainer")
+    added = []
+    module = sys.modules[__name__]
+    for name in TRAINER_NAMES:
+        if _register_into(trainer_module.TRAINER_REGISTRY, name, getattr(module, name)):
+            added.append(name)
+    model_module = import_harness("model")
+    from asu_simu_plugin.models import TemperedCausalLM
+
+    if _register_into(model_module.MODEL_REGISTRY, "TemperedCausalLM", TemperedCausalLM):
+        added.append("TemperedCausalLM")
+    optimizer_registry = getattr(trainer_module, "OPTIMIZER_REGISTRY", None)
+    if optimizer_registry is not None:  # a harness with the entry-point patch
+        from asu_simu_plugin.sophia import SophiaG
+
+        if _register_into(optimizer_registry, "SophiaG", SophiaG):
+            added.append("SophiaG")
+    if added:
+        logger.info("asu-simu-plugin registered %s", ", ".join(added))
+    return added

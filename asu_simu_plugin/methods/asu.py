@@ -1,0 +1,141 @@
+"""ASU — Attention Smoothing Unlearning (Zare Zade et al., ICLR 2026).
+
+The student (the model being trained, always at τ = 1) is distilled on forget data towards a
+"forget-teacher": the frozen original model with its attention softmax temperature raised to
+τ > 1 on the selected layers. Smoothed attention blurs the lexical associations that let the
+model recall a fact, so matching it removes the fact while keeping the output fluent.
+
+One frozen copy of the original does both jobs: tempered on forget batches, paused (exactly the
+original) for the KL / embedding retain losses.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from asu_simu_plugin import losses
+from asu_simu_plugin.arch import decoder_layers, resolve_layer_ids, unwrap_model
+from asu_simu_plugin.attention import attention_temperature
+from asu_simu_plugin.methods.base import UnlearnMethodMixin, freeze_all_but, model_inputs
+
+FORGET_LOSS_TYPES = ("KL", "EMBED_MSE")
+ASU_RETAIN_LOSS_TYPES = ("NLL", "KL", "KL_ALL", "EMBED_MSE")
+
+
+def _capture_layer_output(model, layer_id: int, inputs: dict) -> torch.Tensor:
+    """Run `model` and return the hidden states leaving decoder layer `layer_id`."""
+    captured = []
+
+    def keep(_module, _args, output):
+        captured.append(output[0] if isinstance(output, tuple) else output)
+
+    handle = decoder_layers(model)[layer_id].register_forward_hook(keep)
+    try:
+        model(**inputs)
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+class ASUMixin(UnlearnMethodMixin):
+    """ASU on a GradDiff-like base: loss = gamma·forget_loss + alpha·retain_loss.
+
+    Method arguments (all keyword, as in `configs/trainer/ASU.yaml`):
+      temperature: τ > 0 for the teacher's attention (the paper uses 2.0–2.8; 2.3 on TOFU).
+      layers: 0-based decoder layer ids to smooth; None = all (the paper's default).
+      forget_loss_type: "KL" — token-level KL(teacher ‖ student) on answer tokens (ASU);
+        "EMBED_MSE" — the paper's WMDP variant: MSE between the student's and the smoothed
+        teacher's hidden states leaving `embed_layer` (RMU with the teacher as control vector).
+      retain_loss_type: "NLL" (ASU_GD), "KL" (ASU_KL, masked to answer tokens), "KL_ALL"
+        (unmasked, as the harness's KL), "EMBED_MSE" (hidden states at `embed_layer` vs original).
+      embed_layer: layer id for the EMBED_MSE losses (the paper's WMDP code uses 7).
+      trainable_params_regex: regexes of parameter names to train (full match, as the
+        harness's RMU); None trains everything. The WMDP variant trains mlp.down_proj of 5-7.
+      module_regex, steering_coeff: RMU keys that the harness's WMDP experiment sets; ASU's
+        control signal is the smoothed teacher, so they are accepted and unused.
+    """
+
+    def __init__(
+        self,
+        *args,
+        temperature: float = 2.3,
+        layers=None,
+        forget_loss_type: str = "KL",
+        embed_layer: int = 7,
+        trainable_params_regex=None,
+        module_regex=None,
+        steering_coeff=None,
+        **kwargs,
+    ):
+        if forget_loss_type not in FORGET_LOSS_TYPES:
+            raise ValueError(
+                f"forget_loss_type={forget_loss_type!r}; use one of {', '.join(FORGET_LOSS_TYPES)}"
+            )
+        retain_type = kwargs.get("retain_loss_type", "NLL")
+        if retain_type not in ASU_RETAIN_LOSS_TYPES:
+            raise ValueError(
+                f"retain_loss_type={retain_type!r} is not supported by ASU; use one of "
+                f"{', '.join(ASU_RETAIN_LOSS_TYPES)}"
+            )
+        if not isinstance(temperature, int | float) or not math.isfinite(temperature):
+            raise ValueError(f"temperature must be a finite number > 0 (got {temperature!r})")
+        super().__init__(*args, **kwargs)
+        self.temperature = float(temperature)
+        self.forget_loss_type = forget_loss_type
+        uses_embeddings = "EMBED_MSE" in (forget_loss_type, retain_type)
+        if uses_embeddings:
+            resolve_layer_ids([embed_layer], len(decoder_layers(self.model)))
+        self.embed_layer = int(embed_layer)
+        # The teacher: the single frozen copy of the original, tempered from now on.
+        self.teacher_temperature = attention_temperature(
+            unwrap_model(self.original_model()), self.temperature, layers
+        )
+        self.layers = self.teacher_temperature.layers
+        if trainable_params_regex:
+            freeze_all_but(self.model, trainable_params_regex)
+
+    # -- the frozen copy in its two roles -------------------------------------------------------
+    @torch.no_grad()
+    def teacher_logits(self, inputs: dict) -> torch.Tensor:
+        return self.original_model()(**inputs).logits
+
+    def reference_logits(self, inputs: dict) -> torch.Tensor:
+        with self.teacher_temperature.paused():
+            return self.original_model()(**inputs).logits
+
+    # -- losses --------------------------------------------------------------------------------
+    def forget_objective(self, model, forget: dict):
+        if self.forget_loss_type == "KL":
+            outputs = model(**model_inputs(forget, with_labels=False))
+            teacher_logits = self.teacher_logits(model_inputs(forget, with_labels=False))
+            loss = losses.asu_distillation_loss(outputs.logits, teacher_logits, forget["labels"])
+            return loss, outputs
+        inputs = model_inputs(forget, with_labels=False)
+        student_hidden = _capture_layer_output(model, self.embed_layer, inputs)
+        with torch.no_grad():
+            teacher_hidden = _capture_layer_output(self.original_model(), self.embed_layer, inputs)
+        loss = losses.masked_hidden_mse(student_hidden, teacher_hidden, inputs["attention_mask"])
+        return loss, None
+
+    def retain_objective(self, model, retain_inputs: dict) -> torch.Tensor:
+        if self.retain_loss_type != "EMBED_MSE":
+            return super().retain_objective(model, retain_inputs)
+        inputs = model_inputs(retain_inputs, with_labels=False)
+        hidden = _capture_layer_output(model, self.embed_layer, inputs)
+        with torch.no_grad(), self.teacher_temperature.paused():
+            original = _capture_layer_output(self.original_model(), self.embed_layer, inputs)
+        return losses.masked_hidden_mse(hidden, original, inputs["attention_mask"])
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
+        if "forget" not in inputs:  # evaluation batches keep the plain LM loss
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        forget_loss, forget_outputs = self.forget_objective(model, inputs["forget"])
+        retain_loss = self.retain_objective(model, model_inputs(inputs["retain"]))
+        loss = self.gamma * forget_loss + self.alpha * retain_loss
+        self.track("asu/forget_loss", forget_loss)
+        self.track("asu/retain_loss", retain_loss)
+        return (loss, forget_outputs) if return_outputs else loss

@@ -1,0 +1,139 @@
+"""What every method mixin shares, whichever trainer base it runs on.
+
+A method mixin sits in front of a GradDiff-like base (the harness's `GradDiff`, or our standalone
+`StandaloneGradDiff`) that provides: `self.model`, `self.gamma` (forget weight), `self.alpha`
+(retain weight), `self.retain_loss_type`, `self.ref_model` (``None`` until needed) and
+`self._prepare_ref_model(model)` (deep copy -> device -> eval -> DeepSpeed/accelerate prepare).
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections import defaultdict
+
+import torch
+from transformers import Trainer
+
+from asu_simu_plugin import losses
+
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "labels")
+RETAIN_LOSS_TYPES = ("NLL", "KL", "KL_ALL")
+
+
+def model_inputs(batch: dict, with_labels: bool = True) -> dict:
+    """The keys a causal LM forward takes; drops `index` and any metadata the collator kept."""
+    keys = MODEL_INPUT_KEYS if with_labels else MODEL_INPUT_KEYS[:2]
+    return {k: batch[k] for k in keys if k in batch}
+
+
+def _trainer_accepts(name: str) -> bool:
+    return name in inspect.signature(Trainer.__init__).parameters
+
+
+class TrainerCompatMixin:
+    """Irons out the transformers API changes between 4.45.1 and 5.x for every trainer we build.
+
+    - `tokenizer=` became `processing_class=` (4.46) and was removed (5.0).
+    - `compute_loss` gained `num_items_in_batch` (4.46); bases that predate it get it dropped.
+    """
+
+    def __init__(self, *args, **kwargs):
+        if "tokenizer" in kwargs and not _trainer_accepts("tokenizer"):
+            kwargs["processing_class"] = kwargs.pop("tokenizer")
+        super().__init__(*args, **kwargs)
+
+    @property
+    def tokenizer_or_processor(self):
+        return getattr(self, "processing_class", None) or getattr(self, "tokenizer", None)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
+        parent = super().compute_loss
+        if "num_items_in_batch" in inspect.signature(parent).parameters:
+            return parent(
+                model,
+                inputs,
+                return_outputs=return_outputs,
+                num_items_in_batch=num_items_in_batch,
+                **kwargs,
+            )
+        return parent(model, inputs, return_outputs=return_outputs)
+
+
+class UnlearnMethodMixin:
+    """Batch unpacking, the single frozen copy of the original model, retain losses, metrics."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._loss_components: dict[str, list[float]] = defaultdict(list)
+
+    # -- the frozen original -------------------------------------------------------------------
+    def original_model(self) -> torch.nn.Module:
+        """The one frozen copy of the model as it was before unlearning (built on first use)."""
+        if getattr(self, "ref_model", None) is None:
+            self.ref_model = self._prepare_ref_model(self.model)
+        for param in self.ref_model.parameters():
+            param.requires_grad_(False)
+        return self.ref_model
+
+    # -- retain objective -------------------------------------------------------------------------
+    def retain_objective(self, model, retain_inputs: dict) -> torch.Tensor:
+        """NLL on retain data, or KL(original ‖ model): `KL` masked to answer tokens (default),
+        `KL_ALL` over every position like the harness's `compute_kl_divergence`."""
+        kind = self.retain_loss_type
+        if kind == "NLL":
+            return model(**retain_inputs).loss
+        if kind in ("KL", "KL_ALL"):
+            with torch.no_grad():
+                reference_logits = self.reference_logits(model_inputs(retain_inputs, False))
+            logits = model(**model_inputs(retain_inputs, False)).logits
+            return losses.retain_kl_loss(
+                logits, reference_logits, retain_inputs["labels"], answer_tokens_only=kind == "KL"
+            )
+        raise ValueError(
+            f"retain_loss_type={kind!r} is not supported; use one of {', '.join(RETAIN_LOSS_TYPES)}"
+        )
+
+    def reference_logits(self, inputs: dict) -> torch.Tensor:
+        """Logits of the untouched original (subclasses that temper the copy pause it here)."""
+        return self.original_model()(**inputs).logits
+
+    # -- metrics -------------------------------------------------------------------------------
+    def track(self, name: str, value) -> None:
+        """Remember a loss component; its mean since the last log line is logged with it."""
+        if torch.is_tensor(value):
+            value = value.detach().float().mean().item()
+        self._loss_components[name].append(float(value))
+
+    def log(self, logs, *args, **kwargs):
+        if "loss" in logs:  # training log lines only, not eval
+            for name, values in self._loss_components.items():
+                if values:
+                    logs[name] = sum(values) / len(values)
+            self._loss_components.clear()
+        return super().log(logs, *args, **kwargs)
+
+
+def validate_weights(gamma: float, alpha: float) -> None:
+    for name, value in (("gamma", gamma), ("alpha", alpha)):
+        if not isinstance(value, int | float) or value < 0:
+            raise ValueError(f"{name} must be a number >= 0 (got {value!r})")
+
+
+def freeze_all_but(model: torch.nn.Module, patterns) -> list[str]:
+    """Train only the parameters whose names fully match one of `patterns`; returns them."""
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    compiled = [re.compile(p) for p in patterns]
+    trainable = []
+    for name, param in model.named_parameters():
+        keep = any(p.fullmatch(name) for p in compiled)
+        param.requires_grad_(keep)
+        if keep:
+            trainable.append(name)
+    if not trainable:
+        raise ValueError(
+            f"no parameter name matches {list(patterns)}; names look like "
+            f"{next(iter(dict(model.named_parameters())))!r}"
+        )
+    return trainable

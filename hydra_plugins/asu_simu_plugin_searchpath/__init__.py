@@ -1,0 +1,63 @@
+"""Hydra plugin of asu-simu-plugin.
+
+Hydra imports every `hydra_plugins.*` module at start-up, in every Hydra application. This one
+1. appends our configs (`trainer/ASU.yaml`, `experiment/unlearn/tofu/asu.yaml`, ...) to the search
+   path at the lowest priority, so they can never shadow a harness file; and
+2. registers our trainers / model handlers into the harness registries, but only when the
+   running program is open-unlearning's own `src/train.py` or `src/eval.py`. Any other Hydra
+   application is left untouched, and nothing here may break one (errors become warnings).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+from hydra.core.config_search_path import ConfigSearchPath
+from hydra.plugins.search_path_plugin import SearchPathPlugin
+
+logger = logging.getLogger(__name__)
+
+CONFIG_PACKAGE = "asu_simu_plugin.configs"
+HARNESS_SCRIPTS = ("train.py", "eval.py")
+
+
+def running_harness_script() -> Path | None:
+    """The harness's `src/train.py` / `src/eval.py` if that is the program running, else None."""
+    if not sys.argv or not sys.argv[0]:
+        return None
+    script = Path(sys.argv[0]).resolve()
+    src = script.parent
+    is_harness = (
+        script.name in HARNESS_SCRIPTS
+        and src.name == "src"
+        and (src / "trainer" / "__init__.py").is_file()
+        and (src / "model" / "__init__.py").is_file()
+    )
+    return script if is_harness else None
+
+
+class AsuSimuSearchPathPlugin(SearchPathPlugin):
+    def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
+        search_path.append(provider="asu-simu-plugin", path=f"pkg://{CONFIG_PACKAGE}")
+
+
+def _register_with_harness() -> None:
+    script = running_harness_script()
+    if script is None:
+        return
+    try:
+        from asu_simu_plugin.harness import register
+
+        register()
+    except Exception as error:  # never break the harness because of us
+        warnings.warn(
+            f"asu-simu-plugin could not register its trainers with open-unlearning ({error!r}); "
+            "trainer=ASU/SIMU/SOGradDiff/SONPO will be unavailable in this run",
+            stacklevel=1,
+        )
+
+
+_register_with_harness()
