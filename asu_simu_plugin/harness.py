@@ -113,29 +113,46 @@ def _register_into(registry: dict, name: str, obj) -> bool:
     return True
 
 
+def _plugin_objects():
+    """(registry attribute, module, name, loader) for everything we offer to the harness."""
+    module = sys.modules[__name__]
+    for name in TRAINER_NAMES:
+        yield "TRAINER_REGISTRY", "trainer", name, lambda name=name: getattr(module, name)
+    yield "MODEL_REGISTRY", "model", "TemperedCausalLM", _tempered_causal_lm
+    yield "OPTIMIZER_REGISTRY", "trainer", "SophiaG", _sophia
+
+
+def _tempered_causal_lm():
+    from asu_simu_plugin.models import TemperedCausalLM
+
+    return TemperedCausalLM
+
+
+def _sophia():
+    from asu_simu_plugin.sophia import SophiaG
+
+    return SophiaG
+
+
 def register() -> list[str]:
     """Register our trainers, model handlers and optimizers into the running harness.
 
     Returns the names newly added. Safe to call more than once, and alongside the entry-point
-    patch (names already registered with the same object are skipped silently).
+    patch (names already registered with the same object are skipped silently). One object that
+    fails to load is reported and skipped; the others still register.
     """
-    trainer_module = import_harness("trainer")
     added = []
-    module = sys.modules[__name__]
-    for name in TRAINER_NAMES:
-        if _register_into(trainer_module.TRAINER_REGISTRY, name, getattr(module, name)):
+    for registry_name, module_name, name, load in _plugin_objects():
+        registry = getattr(import_harness(module_name), registry_name, None)
+        if registry is None:  # OPTIMIZER_REGISTRY exists only with the entry-point patch
+            continue
+        try:
+            obj = load()
+        except Exception as error:
+            logger.warning("asu-simu-plugin: %s is unavailable (%r)", name, error)
+            continue
+        if _register_into(registry, name, obj):
             added.append(name)
-    model_module = import_harness("model")
-    from asu_simu_plugin.models import TemperedCausalLM
-
-    if _register_into(model_module.MODEL_REGISTRY, "TemperedCausalLM", TemperedCausalLM):
-        added.append("TemperedCausalLM")
-    optimizer_registry = getattr(trainer_module, "OPTIMIZER_REGISTRY", None)
-    if optimizer_registry is not None:  # a harness with the entry-point patch
-        from asu_simu_plugin.sophia import SophiaG
-
-        if _register_into(optimizer_registry, "SophiaG", SophiaG):
-            added.append("SophiaG")
     if added:
         logger.info("asu-simu-plugin registered %s", ", ".join(added))
     return added

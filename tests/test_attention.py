@@ -1,0 +1,368 @@
+"""Attention temperature: exact against an independent reference on every supported architecture.
+
+The reference never scales queries: it runs an eager copy of the model whose attention softmax
+input (logits after scaling, soft-capping and masking) is divided by τ while a selected layer's
+attention runs. The temperature under test scales the query instead, so agreement checks that
+doing so is exact (RoPE, GQA, bias, q-norm, fused qkv, soft-cap, padding, SDPA, KV cache).
+"""
+
+from __future__ import annotations
+
+import filecmp
+import math
+from contextlib import contextmanager
+
+import pytest
+import torch
+from conftest import ARCHITECTURES, tiny_causal_lm
+from torch import nn
+
+from asu_simu_plugin.arch import decoder_layers, self_attention
+from asu_simu_plugin.attention import AttentionTemperature, attention_temperature
+
+ARCHS = list(ARCHITECTURES)
+TAU = 2.3
+ATOL = 1e-5
+
+
+def build(arch: str, impl: str = "eager") -> nn.Module:
+    """A tiny model whose attention logits are O(1-10), so τ visibly changes the output."""
+    if arch == "gemma2" and impl == "sdpa":
+        pytest.skip(
+            "transformers refuses SDPA for Gemma-2 (5.x raises; 4.45 from_pretrained falls back "
+            "to eager because its SDPA class drops the attention soft-cap)"
+        )
+    model = tiny_causal_lm(arch, impl)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in decoder_layers(model):
+            attn = self_attention(layer)
+            for name in ("q_proj", "k_proj", "qkv_proj"):
+                if hasattr(attn, name):
+                    weight = getattr(attn, name).weight
+                    weight.copy_(torch.randn(weight.shape, generator=generator) * 0.35)
+            for name in ("q_norm", "k_norm"):  # OLMo-2 renormalises q and k: sharpen via the gain
+                if hasattr(attn, name):
+                    getattr(attn, name).weight.mul_(3.0)
+    return model
+
+
+def eager_twin(model: nn.Module, arch: str) -> nn.Module:
+    """The same weights under eager attention (the reference patches the eager softmax)."""
+    twin = tiny_causal_lm(arch, "eager")
+    twin.load_state_dict(model.state_dict())
+    return twin
+
+
+@contextmanager
+def softmax_divided_by(model: nn.Module, tau: float, layer_ids, monkeypatch):
+    """Reference: divide the eager attention softmax input by τ inside the chosen layers only."""
+    state = {"inside": False, "calls": 0}
+    real_softmax = torch.nn.functional.softmax
+
+    def softmax(input, dim=None, *args, **kwargs):
+        if state["inside"]:
+            state["calls"] += 1
+            input = input / tau
+        return real_softmax(input, dim, *args, **kwargs)
+
+    def flagged(forward):
+        def run(*args, **kwargs):
+            state["inside"] = True
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                state["inside"] = False
+
+        return run
+
+    attns = [self_attention(decoder_layers(model)[i]) for i in layer_ids]
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.nn.functional, "softmax", softmax)
+        for attn in attns:
+            attn.forward = flagged(attn.forward)
+        try:
+            yield state
+        finally:
+            for attn in attns:
+                del attn.forward
+
+
+def padded_batch():
+    """Batch 2, right padding: the second row has 3 padding positions."""
+    generator = torch.Generator().manual_seed(7)
+    input_ids = torch.randint(4, 600, (2, 10), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    input_ids[1, 7:] = 3
+    attention_mask[1, 7:] = 0
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def logits(model, batch, **kwargs):
+    with torch.no_grad():
+        return model(**batch, **kwargs).logits
+
+
+def hook_state(model: nn.Module) -> dict:
+    """Every hook registered on every module, plus the attributes the temperature may touch."""
+    kinds = (
+        "_forward_hooks",
+        "_forward_pre_hooks",
+        "_forward_hooks_with_kwargs",
+        "_backward_hooks",
+        "_backward_pre_hooks",
+    )
+    state = {}
+    for name, module in model.named_modules():
+        state[name] = tuple(tuple(getattr(module, kind, {}).items()) for kind in kinds)
+        state[name] += (id(vars(module).get("config")), vars(module).get("attn_logit_softcapping"))
+        state[name] += ("forward" in vars(module),)
+    return state
+
+
+# -- exactness ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layers", [None, [1]], ids=["all", "layer1"])
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_matches_softmax_reference(arch, impl, layers, monkeypatch):
+    model = build(arch, impl)
+    reference_model = eager_twin(model, arch)
+    batch = padded_batch()
+    plain = logits(model, batch)
+
+    selected = [0, 1, 2] if layers is None else layers
+    with softmax_divided_by(reference_model, TAU, selected, monkeypatch) as state:
+        expected = logits(reference_model, batch)
+    assert state["calls"] == len(selected)  # the reference really ran through the patched softmax
+
+    with attention_temperature(model, TAU, layers) as handle:
+        assert handle.layers == selected
+        tempered = logits(model, batch)
+
+    assert (tempered - expected).abs().max() <= ATOL  # padded positions included
+    valid = batch["attention_mask"].bool()
+    assert (tempered - plain)[valid].abs().max() > 1e-2  # τ really changed the model
+
+
+@pytest.mark.parametrize("arch", ["gemma2"])
+def test_softcap_is_scaled_per_layer(arch):
+    """Gemma-2: the cap of tempered layers becomes cap/τ; other layers and the config keep cap."""
+    model = build(arch)
+    attns = [self_attention(layer) for layer in decoder_layers(model)]
+    with attention_temperature(model, 4.0, [1]):
+        caps = []
+        for attn in attns:
+            own = vars(attn).get("attn_logit_softcapping")
+            caps.append(own if own is not None else attn.config.attn_logit_softcapping)
+        assert caps == [5.0, 1.25, 5.0]
+        assert model.config.attn_logit_softcapping == 5.0
+    for attn in attns:
+        assert getattr(attn, "attn_logit_softcapping", 5.0) == 5.0
+        assert attn.config is model.config
+
+
+# -- identity, selection, pausing, removal --------------------------------------------------------
+@pytest.mark.parametrize("arch", ARCHS)
+def test_temperature_one_is_bit_identical(arch):
+    model = build(arch)
+    batch = padded_batch()
+    before = hook_state(model)
+    plain = logits(model, batch)
+    with attention_temperature(model, 1, None) as handle:
+        assert hook_state(model) == before  # nothing attached at all
+        assert handle.active
+        assert torch.equal(logits(model, batch), plain)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_only_selected_layers_change(arch):
+    model = build(arch)
+    batch = padded_batch()
+    with torch.no_grad():
+        plain = model(**batch, output_hidden_states=True).hidden_states
+        with attention_temperature(model, TAU, [1]):
+            tempered = model(**batch, output_hidden_states=True).hidden_states
+    # hidden_states[i] is the input of layer i: the embeddings and layer 0's output are untouched.
+    assert torch.equal(tempered[0], plain[0])
+    assert torch.equal(tempered[1], plain[1])
+    assert (tempered[2] - plain[2]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_paused_gives_untempered_logits(arch):
+    model = build(arch)
+    batch = padded_batch()
+    plain = logits(model, batch)
+    handle = attention_temperature(model, TAU)
+    tempered = logits(model, batch)
+    assert handle.active
+    with handle.paused():
+        assert not handle.active
+        assert torch.equal(logits(model, batch), plain)
+        with handle.paused():  # nesting keeps it paused until the outermost exit
+            pass
+        assert torch.equal(logits(model, batch), plain)
+    assert handle.active
+    assert torch.equal(logits(model, batch), tempered)
+    handle.remove()
+    assert not handle.active
+    assert torch.equal(logits(model, batch), plain)
+
+
+def test_remove_inside_paused_stays_removed():
+    model = build("gemma2")
+    batch = padded_batch()
+    plain = logits(model, batch)
+    before = hook_state(model)
+    handle = attention_temperature(model, TAU)
+    with handle.paused():
+        handle.remove()
+    assert hook_state(model) == before
+    assert torch.equal(logits(model, batch), plain)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_removal_leaves_nothing_behind(arch, tmp_path):
+    model = build(arch)
+    batch = padded_batch()
+    plain = logits(model, batch)
+    hooks_before = hook_state(model)
+    state_before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp_path / "before")  # (saving itself fills config.architectures)
+    config_before = model.config.to_dict()
+
+    handle = attention_temperature(model, TAU)
+    assert hook_state(model) != hooks_before
+    model.save_pretrained(tmp_path / "while")  # a checkpoint of the teacher carries no temperature
+    handle.remove()
+    handle.remove()  # idempotent
+    model.save_pretrained(tmp_path / "after")
+
+    assert hook_state(model) == hooks_before
+    state_after = model.state_dict()
+    assert state_after.keys() == state_before.keys()
+    assert all(torch.equal(state_after[k], v) for k, v in state_before.items())
+    assert model.config.to_dict() == config_before
+    assert torch.equal(logits(model, batch), plain)
+    names = sorted(p.name for p in (tmp_path / "before").iterdir())
+    for saved in ("while", "after"):
+        assert sorted(p.name for p in (tmp_path / saved).iterdir()) == names
+        match, mismatch, errors = filecmp.cmpfiles(
+            tmp_path / "before", tmp_path / saved, names, shallow=False
+        )
+        assert (mismatch, errors) == ([], [])
+
+
+# -- generation and limits ------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generate_matches_repeated_full_forwards(arch):
+    """The KV cache holds unscaled keys, so cached decoding equals recomputing everything."""
+    model = build(arch)
+    prompt = torch.randint(4, 600, (1, 6), generator=torch.Generator().manual_seed(3))
+    with attention_temperature(model, TAU), torch.no_grad():
+        out = model.generate(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=6,
+            do_sample=False,
+            return_dict_in_generate=True,
+            output_logits=True,
+            pad_token_id=3,
+        )
+        new_tokens = out.sequences[0, prompt.shape[1] :]
+        sequence = prompt
+        for step, token in enumerate(new_tokens):
+            full = model(input_ids=sequence).logits[0, -1]
+            assert (out.logits[step][0] - full).abs().max() <= ATOL
+            assert full.argmax() == token
+            sequence = torch.cat([sequence, token.view(1, 1)], dim=1)
+    assert len(new_tokens) > 1
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_large_temperature_gives_uniform_attention(arch):
+    model = build(arch)
+    input_ids = torch.randint(4, 600, (1, 8), generator=torch.Generator().manual_seed(5))
+    causal = torch.tril(torch.ones(8, 8))
+    uniform = causal / causal.sum(-1, keepdim=True)
+    with torch.no_grad():
+        plain = model(input_ids=input_ids, output_attentions=True).attentions
+        with attention_temperature(model, 1e6, [0, 2]):
+            smooth = model(input_ids=input_ids, output_attentions=True).attentions
+    for i in (0, 2):
+        assert (smooth[i][0] - uniform).abs().max() < 1e-4
+        assert (plain[i][0] - uniform).abs().max() > 0.05
+
+
+# -- wrappers and errors --------------------------------------------------------------------------
+class EngineLike(nn.Module):
+    """Stands in for DDP / a DeepSpeed engine: the real model sits in `.module`."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, **kwargs):
+        return self.module(**kwargs)
+
+
+def test_unwraps_distributed_wrappers():
+    model = build("llama")
+    batch = padded_batch()
+    with attention_temperature(model, TAU):
+        expected = logits(model, batch)
+    wrapped = EngineLike(EngineLike(model))
+    with attention_temperature(wrapped, TAU) as handle:
+        assert isinstance(handle, AttentionTemperature)
+        assert torch.equal(logits(wrapped, batch), expected)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, math.nan, math.inf, -math.inf, "hot", None, True])
+def test_rejects_bad_temperature(bad):
+    model = build("llama")
+    before = hook_state(model)
+    with pytest.raises(ValueError, match=r"finite number > 0.*τ > 1 smooths"):
+        attention_temperature(model, bad)
+    assert hook_state(model) == before
+
+
+@pytest.mark.parametrize("layers", [[3], [0, -1], 7])
+def test_rejects_unknown_layer(layers):
+    model = build("llama")
+    before = hook_state(model)
+    with pytest.raises(ValueError, match=r"valid ids are 0\.\.2"):
+        attention_temperature(model, TAU, layers)
+    assert hook_state(model) == before
+
+
+def test_empty_layer_list_tempers_nothing():
+    model = build("llama")
+    batch = padded_batch()
+    plain = logits(model, batch)
+    with pytest.warns(UserWarning, match="empty layer list"):
+        handle = attention_temperature(model, TAU, [])
+    assert handle.layers == []
+    assert torch.equal(logits(model, batch), plain)
+
+
+def test_rejects_unrecognised_query_path():
+    import transformers
+
+    config = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2)
+    model = transformers.GPT2LMHeadModel(config)
+    before = hook_state(model)
+    with pytest.raises(TypeError, match=r"GPT2LMHeadModel.*Supported: Llama"):
+        attention_temperature(model, TAU)
+    assert hook_state(model) == before
+
+
+def test_rejects_model_without_attention():
+    class NoAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = object()
+            self.model = nn.Module()
+            self.model.layers = nn.ModuleList([nn.Linear(2, 2)])
+
+    with pytest.raises(TypeError, match=r"NoAttention.*no self-attention.*Supported"):
+        attention_temperature(NoAttention(), TAU)
