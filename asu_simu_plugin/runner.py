@@ -7,7 +7,6 @@ keys), its tokenizer, and `asu_simu_run.json` with everything needed to reproduc
 from __future__ import annotations
 
 import json
-import os
 import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,6 +46,7 @@ class RunSettings:
     seed: int = 0
     logging_steps: int = 5
     save_strategy: str = "no"
+    system_prompt: str | None = None
     extra: dict = field(default_factory=dict)  # any other TrainingArguments field
 
     def training_arguments(self, output_dir) -> TrainingArguments:
@@ -90,8 +90,8 @@ def build_trainer(
     method_args,
     settings: RunSettings,
 ):
-    forget = QADataset(forget_rows, tokenizer, settings.max_length)
-    retain = QADataset(retain_rows, tokenizer, settings.max_length)
+    forget = QADataset(forget_rows, tokenizer, settings.max_length, settings.system_prompt)
+    retain = QADataset(retain_rows, tokenizer, settings.max_length, settings.system_prompt)
     train_dataset = ForgetRetainDataset(forget, retain, seed=settings.seed)
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -116,6 +116,7 @@ def run_unlearning(
     method_args=None,
     settings: RunSettings | None = None,
     source=None,
+    command=None,
 ):
     """Unlearn `forget_rows` from `model`, save it with its tokenizer and the run record."""
     settings = settings or RunSettings()
@@ -144,7 +145,7 @@ def run_unlearning(
             "torch": torch.__version__,
             "python": platform.python_version(),
         },
-        "command": os.environ.get("ASU_SIMU_COMMAND"),
+        "command": command,
     }
     (output_dir / RUN_FILE).write_text(json.dumps(record, indent=2, default=str))
     return trainer
