@@ -46,7 +46,9 @@ def harness_paths() -> tuple[Path, str]:
         pytest.skip(SKIP_REASON)
     checkout = Path(src)
     if not (checkout / "src" / "train.py").is_file():
-        pytest.fail(f"OPEN_UNLEARNING_SRC={src} has no src/train.py: not an open-unlearning checkout")
+        pytest.fail(
+            f"OPEN_UNLEARNING_SRC={src} has no src/train.py: not an open-unlearning checkout"
+        )
     return checkout, python
 
 
@@ -61,8 +63,13 @@ def model_overrides(model_dir: Path) -> list[str]:
 def run_harness(script: str, args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
     """Run `python src/<script> args...` in the checkout; fail with the log's tail on error."""
     checkout, python = harness_paths()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "HYDRA_FULL_ERROR": "1"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HYDRA_FULL_ERROR": "1",
+    }
     result = subprocess.run(
         [python, f"src/{script}", *args],
         cwd=checkout,

@@ -6,7 +6,12 @@ import json
 
 import pytest
 
-from harness_support import CPU_TRAIN_OVERRIDES, model_overrides, run_harness, save_tiny_harness_model
+from harness_support import (
+    CPU_TRAIN_OVERRIDES,
+    model_overrides,
+    run_harness,
+    save_tiny_harness_model,
+)
 
 pytestmark = pytest.mark.harness
 
@@ -26,19 +31,34 @@ def tiny_model(tmp_path_factory):
 def train(tiny_model, out, *overrides, steps=2):
     return run_harness(
         "train.py",
-        ["--config-name=unlearn.yaml", *overrides, f"task_name={out.name}",
-         *model_overrides(tiny_model), *CPU_TRAIN_OVERRIDES,
-         f"+trainer.args.max_steps={steps}", f"paths.output_dir={out}"],
+        [
+            "--config-name=unlearn.yaml",
+            *overrides,
+            f"task_name={out.name}",
+            *model_overrides(tiny_model),
+            *CPU_TRAIN_OVERRIDES,
+            f"+trainer.args.max_steps={steps}",
+            f"paths.output_dir={out}",
+        ],
     )
 
 
 def evaluate(model_dir, out, *overrides):
     run_harness(
         "eval.py",
-        ["experiment=eval/tofu/default", *overrides, "forget_split=forget01",
-         "holdout_split=holdout01", f"task_name={out.name}", *model_overrides(model_dir),
-         "~model.model_args.attn_implementation", "model.model_args.torch_dtype=float32",
-         "model.model_args.device_map=cpu", f"paths.output_dir={out}", *EVAL_SUBSET],
+        [
+            "experiment=eval/tofu/default",
+            *overrides,
+            "forget_split=forget01",
+            "holdout_split=holdout01",
+            f"task_name={out.name}",
+            *model_overrides(model_dir),
+            "~model.model_args.attn_implementation",
+            "model.model_args.torch_dtype=float32",
+            "model.model_args.device_map=cpu",
+            f"paths.output_dir={out}",
+            *EVAL_SUBSET,
+        ],
     )
     return json.loads((out / "TOFU_SUMMARY.json").read_text())
 
@@ -57,21 +77,35 @@ def test_asu_experiment_trains_and_eval_scores_it(tiny_model, tmp_path):
 
 def test_our_trainer_on_the_harness_default_experiment(tiny_model, tmp_path):
     out = tmp_path / "asu_kl"
-    train(tiny_model, out, "experiment=unlearn/tofu/default", "trainer=ASU",
-          "trainer.method_args.retain_loss_type=KL")
+    train(
+        tiny_model,
+        out,
+        "experiment=unlearn/tofu/default",
+        "trainer=ASU",
+        "trainer.method_args.retain_loss_type=KL",
+    )
     assert (out / "model.safetensors").is_file()
 
 
 def test_teacher_handler_scores_the_tempered_model(tiny_model, tmp_path):
     plain = evaluate(tiny_model, tmp_path / "plain")
-    tempered = evaluate(tiny_model, tmp_path / "teacher", "experiment=eval/tofu/asu_teacher",
-                        "model.model_args.temperature=50.0")
+    tempered = evaluate(
+        tiny_model,
+        tmp_path / "teacher",
+        "experiment=eval/tofu/asu_teacher",
+        "model.model_args.temperature=50.0",
+    )
     assert tempered["forget_Q_A_Prob"] != pytest.approx(plain["forget_Q_A_Prob"], rel=1e-6)
 
 
 @pytest.mark.parametrize("trainer", ["SOGradDiff", "SONPO"])
 def test_sophia_trainers_train(tiny_model, tmp_path, trainer):
     out = tmp_path / trainer
-    train(tiny_model, out, f"experiment=unlearn/tofu/{trainer.lower()}",
-          "trainer.method_args.hessian_mode=gnb", "trainer.method_args.hessian_interval=1")
+    train(
+        tiny_model,
+        out,
+        f"experiment=unlearn/tofu/{trainer.lower()}",
+        "trainer.method_args.hessian_mode=gnb",
+        "trainer.method_args.hessian_interval=1",
+    )
     assert (out / "model.safetensors").is_file()

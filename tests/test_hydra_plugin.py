@@ -1,0 +1,114 @@
+"""The Hydra plugin: our configs on the search path, registration only inside the harness."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from hydra_plugins.asu_simu_plugin_searchpath import running_harness_script
+
+PLAIN_APP = textwrap.dedent(
+    """
+    import sys
+    import hydra
+    from omegaconf import OmegaConf
+
+    @hydra.main(version_base=None, config_path="conf", config_name="config")
+    def main(cfg):
+        print("RESULT", OmegaConf.to_yaml(cfg).strip().replace(chr(10), " | "))
+        print("HARNESS_IMPORTED", "asu_simu_plugin.harness" in sys.modules)
+        print("TRAINER_IMPORTED", "trainer" in sys.modules)
+
+    main()
+    """
+)
+
+
+def make_app(directory: Path, script_name: str = "app.py") -> Path:
+    (directory / "conf").mkdir(parents=True)
+    (directory / "conf" / "config.yaml").write_text("greeting: hello\nnumber: 3\n")
+    script = directory / script_name
+    script.write_text(PLAIN_APP)
+    return script
+
+
+def run_app(script: Path, *overrides: str) -> str:
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "hydra.run.dir=.",
+            "hydra.output_subdir=null",
+            "hydra/job_logging=disabled",
+            "hydra/hydra_logging=disabled",
+            *overrides,
+        ],
+        cwd=script.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_plain_hydra_app_runs_unaffected(tmp_path):
+    out = run_app(make_app(tmp_path), "number=5")
+    assert "RESULT greeting: hello | number: 5" in out
+    assert "HARNESS_IMPORTED False" in out
+    assert "TRAINER_IMPORTED False" in out
+
+
+def test_app_named_like_the_harness_outside_a_harness_is_untouched(tmp_path):
+    # src/train.py, but no harness packages beside it: not the harness.
+    script = make_app(tmp_path / "src", "train.py")
+    out = run_app(script)
+    assert "HARNESS_IMPORTED False" in out
+    assert running_harness_script() is None  # pytest itself is not the harness either
+
+
+def test_harness_detection(tmp_path, monkeypatch):
+    src = tmp_path / "checkout" / "src"
+    for package in ("trainer", "model"):
+        (src / package).mkdir(parents=True)
+        (src / package / "__init__.py").write_text("")
+    (src / "train.py").write_text("")
+    (src / "eval.py").write_text("")
+    (src / "other.py").write_text("")
+    for name, expected in (("train.py", True), ("eval.py", True), ("other.py", False)):
+        monkeypatch.setattr(sys, "argv", [str(src / name)])
+        assert (running_harness_script() is not None) is expected
+
+
+def test_our_configs_are_on_the_search_path(tmp_path):
+    """Hydra finds `trainer/ASU.yaml` etc. through the plugin, at the lowest priority."""
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "config.yaml").write_text("{}\n")
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf), version_base=None):
+            cfg = compose(config_name="config")
+            loader = GlobalHydra.instance().config_loader()
+            groups = loader.get_group_options("trainer")
+            assert {"ASU", "SOGradDiff", "SONPO"} <= set(groups)
+            experiments = loader.get_group_options("experiment/unlearn/tofu")
+            assert {"asu", "sograddiff", "sonpo"} <= set(experiments)
+            assert cfg == {}
+    finally:
+        GlobalHydra.instance().clear()
+
+
+@pytest.mark.parametrize(
+    "name", ["trainer/ASU.yaml", "experiment/unlearn/tofu/asu.yaml", "trainer/SOGradDiff.yaml"]
+)
+def test_configs_ship_inside_the_package(name):
+    from importlib.resources import files
+
+    assert files("asu_simu_plugin.configs").joinpath(name).is_file()
