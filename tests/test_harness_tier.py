@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from harness_support import (
     CPU_TRAIN_OVERRIDES,
     model_overrides,
