@@ -11,27 +11,31 @@ SUBCOMMANDS = {
     "demo": ("asu_simu_plugin.cli.demo", "unlearn a fictitious author from a tiny model (offline)"),
     "unlearn": (
         "asu_simu_plugin.cli.unlearn",
-        "run ASU / SIMU / Sophia unlearning without the harness",
+        "ASU / SIMU / Sophia unlearning without the harness",
     ),
-    "tau-sweep": ("asu_simu_plugin.tau_sweep", "measure how attention temperature affects a model"),
-    "neurons": ("asu_simu_plugin.cli.neurons", "SIMU critical-neuron masks for several thresholds"),
+    "tau-sweep": ("asu_simu_plugin.tau_sweep", "how the attention temperature affects a model"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="asu-simu", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (module, help_text) in SUBCOMMANDS.items():
-        sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.set_defaults(module=module)
-        importlib.import_module(module).add_arguments(sub)
-    return parser
-
-
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    result = importlib.import_module(args.module).run(args)
-    return int(result or 0)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    top = argparse.ArgumentParser(prog="asu-simu", description=__doc__)
+    top.add_argument(
+        "command",
+        choices=sorted(SUBCOMMANDS),
+        metavar="COMMAND",
+        help=", ".join(f"{k}: {v[1]}" for k, v in SUBCOMMANDS.items()),
+    )
+    if not argv or argv[0] in ("-h", "--help"):
+        top.print_help()
+        return 0 if argv else 2
+    command = top.parse_args(argv[:1]).command
+    module_name, help_text = SUBCOMMANDS[command]
+    # Import only the chosen subcommand: each pulls in its own heavy dependencies.
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"asu-simu {command}", description=help_text)
+    module.add_arguments(parser)
+    return int(module.run(parser.parse_args(argv[1:])) or 0)
 
 
 if __name__ == "__main__":
