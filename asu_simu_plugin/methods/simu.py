@@ -1,0 +1,172 @@
+"""SIMU — Selective Influence Machine Unlearning (Agarwal et al., 2025).
+
+1. Before training, integrated-gradients attribution on the forget set finds, per layer, the MLP
+   neurons (input dimensions of `down_proj`) that carry it (`asu_simu_plugin.neurons`).
+2. Training is second-order GradDiff (SophiaG) restricted to: every attention projection, fully,
+   and the `down_proj` columns of the critical neurons. Every other parameter is frozen; inside
+   `down_proj` the masked-out columns keep value, momentum and Hessian bit-identical (the
+   paper's "triple masking", weight decay included) and their gradients are zeroed so they do
+   not count towards gradient clipping.
+
+The masks are saved beside the model (`simu_masks.safetensors`, `simu_masks.json`,
+`simu_masks.png`) and can be reused with `mask_path`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from asu_simu_plugin import neurons
+from asu_simu_plugin.arch import (
+    attention_projection_names,
+    decoder_layers,
+    down_projection,
+    unwrap_model,
+)
+from asu_simu_plugin.methods.sophia import SophiaMixin
+
+MASK_FILE = "simu_masks"
+MASK_MODES = ("dual", "forget_only")
+
+
+def _qualified_parameter_name(model, parameter) -> str:
+    for name, param in model.named_parameters():
+        if param is parameter:
+            return name
+    raise LookupError("parameter is not part of the model")
+
+
+class SIMUMixin(SophiaMixin):
+    """Neuron-masked Sophia GradDiff.
+
+    Method arguments (besides the Sophia and GradDiff ones): `steps` (integrated-gradients
+    Riemann steps, 20), `threshold` (t: critical iff attribution > t · layer max, 0.3), `mode`
+    ("dual": keep neurons also critical on the retain set; "forget_only": drop them),
+    `mask_path` (reuse a saved `simu_masks.safetensors` instead of attributing),
+    `attribution_batch_size` (default: the training batch size), `attribution_max_batches`.
+    """
+
+    def __init__(
+        self,
+        *args,
+        steps: int = 20,
+        threshold: float = 0.3,
+        mode: str = "dual",
+        mask_path=None,
+        attribution_batch_size=None,
+        attribution_max_batches=None,
+        **kwargs,
+    ):
+        if mode not in MASK_MODES:
+            raise ValueError(f"mode={mode!r}; use one of {', '.join(MASK_MODES)}")
+        if not 0 < float(threshold) <= 1:
+            raise ValueError(f"threshold must be in (0, 1] (got {threshold})")
+        if int(steps) < 1:
+            raise ValueError(f"steps must be >= 1 (got {steps})")
+        super().__init__(*args, **kwargs)
+        self.simu_steps = int(steps)
+        self.simu_threshold = float(threshold)
+        self.simu_mode = mode
+        self.attribution_batch_size = (
+            attribution_batch_size or self.args.per_device_train_batch_size
+        )
+        self.attribution_max_batches = attribution_max_batches
+        self.neuron_masks = self._masks(mask_path)
+        self._down_proj_masks = self._select_trainable_parameters()
+        self._save_masks(Path(self.args.output_dir))
+
+    # -- the masks -----------------------------------------------------------------------------
+    def uses_masks(self) -> bool:
+        return True
+
+    def _attribution_batches(self, dataset):
+        if dataset is None or len(dataset) == 0:
+            raise ValueError("the forget set is empty: SIMU has nothing to attribute")
+        size = int(self.attribution_batch_size)
+        device = self.accelerator.device
+        count = 0
+        for start in range(0, len(dataset), size):
+            if self.attribution_max_batches and count >= int(self.attribution_max_batches):
+                break
+            items = [dataset[i] for i in range(start, min(start + size, len(dataset)))]
+            batch = self.data_collator(items)
+            yield {
+                k: v.to(device)
+                for k, v in batch.items()
+                if k in ("input_ids", "attention_mask", "labels")
+            }
+            count += 1
+
+    def _attribute(self, dataset) -> dict[int, torch.Tensor]:
+        return neurons.neuron_attributions(
+            unwrap_model(self.model), self._attribution_batches(dataset), steps=self.simu_steps
+        )
+
+    def _masks(self, mask_path) -> dict[int, torch.Tensor]:
+        if mask_path:
+            return neurons.load_masks(mask_path)
+        masks = None
+        if self.accelerator.is_main_process:
+            forget = getattr(self.train_dataset, "forget", None)
+            retain = getattr(self.train_dataset, "retain", None)
+            forget_attr = self._attribute(forget)
+            retain_attr = self._attribute(retain) if self.simu_mode == "forget_only" else None
+            masks = neurons.critical_neuron_masks(
+                forget_attr,
+                self.simu_threshold,
+                retain_attributions=retain_attr,
+                mode=self.simu_mode,
+            )
+        return self._broadcast_masks(masks)
+
+    def _broadcast_masks(self, masks):
+        """Every rank trains with rank 0's masks (attribution runs once, on the main process)."""
+        if self.accelerator.num_processes == 1:
+            return masks
+        from accelerate.utils import broadcast
+
+        layers = decoder_layers(self.model)
+        result = {}
+        for layer_id, layer in enumerate(layers):
+            width = down_projection(layer).in_features
+            local = masks[layer_id] if masks is not None else torch.zeros(width, dtype=torch.bool)
+            tensor = local.to(self.accelerator.device, torch.uint8)
+            result[layer_id] = broadcast(tensor, from_process=0).bool().cpu()
+        return result
+
+    def _select_trainable_parameters(self) -> dict[str, torch.Tensor]:
+        """Freeze everything but attention projections and critical down_proj columns."""
+        model = unwrap_model(self.model)
+        attention = set(attention_projection_names(model))
+        down_proj_masks = {}
+        for layer_id, layer in enumerate(decoder_layers(model)):
+            critical = self.neuron_masks.get(layer_id)
+            if critical is None or not bool(critical.any()):
+                continue
+            weight = down_projection(layer).weight
+            name = _qualified_parameter_name(model, weight)
+            down_proj_masks[name] = critical.to(weight.device).view(1, -1)
+        for name, param in model.named_parameters():
+            param.requires_grad_(name in attention or name in down_proj_masks)
+        parameters = dict(model.named_parameters())
+        for name, mask in down_proj_masks.items():
+            # Zero the gradient of frozen columns, so clipping sees only what is trained.
+            parameters[name].register_hook(lambda grad, mask=mask: grad * mask.to(grad.dtype))
+        return down_proj_masks
+
+    def parameter_masks(self) -> dict[str, torch.Tensor]:
+        return self._down_proj_masks
+
+    def _save_masks(self, output_dir: Path) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        output_dir.mkdir(parents=True, exist_ok=True)
+        metadata = {
+            "threshold": self.simu_threshold,
+            "steps": self.simu_steps,
+            "mode": self.simu_mode,
+        }
+        neurons.save_masks(self.neuron_masks, output_dir / MASK_FILE, metadata)
+        neurons.plot_mask_counts(self.neuron_masks, output_dir / f"{MASK_FILE}.png")
