@@ -160,6 +160,10 @@ class SophiaMixin:
             tokens += count
         if tokens == 0:
             raise ValueError("the Hessian batch has no answer tokens (all labels are -100)")
+        if self.accelerator.num_processes > 1:
+            # DDP averages the gradient over ranks, so ĥ stands for every rank's labels.
+            count = torch.tensor(float(tokens), device=self.accelerator.device)
+            tokens = int(self.accelerator.reduce(count, reduction="sum").item())
         # Plain backward: accelerate's would divide by the accumulation steps (ĥ is per batch).
         # Under DDP the backward through the wrapped model all-reduces (averages) it as usual.
         (total / tokens).backward()
