@@ -36,12 +36,27 @@ class TrainerCompatMixin:
 
     - `tokenizer=` became `processing_class=` (4.46) and was removed (5.0).
     - `compute_loss` gained `num_items_in_batch` (4.46); bases that predate it get it dropped.
+    - transformers < 4.50 reads the RNG state of its own checkpoints with `torch.load`'s default,
+      which torch >= 2.6 made `weights_only=True`: resuming then fails on the numpy RNG state.
     """
 
     def __init__(self, *args, **kwargs):
         if "tokenizer" in kwargs and not _trainer_accepts("tokenizer"):
             kwargs["processing_class"] = kwargs.pop("tokenizer")
         super().__init__(*args, **kwargs)
+
+    def _load_rng_state(self, checkpoint):
+        original = torch.load
+
+        def load_own_checkpoint(*args, **kwargs):
+            kwargs.setdefault("weights_only", False)  # our own checkpoint, written by this trainer
+            return original(*args, **kwargs)
+
+        torch.load = load_own_checkpoint
+        try:
+            return super()._load_rng_state(checkpoint)
+        finally:
+            torch.load = original
 
     @property
     def tokenizer_or_processor(self):
