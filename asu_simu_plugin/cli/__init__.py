@@ -14,6 +14,7 @@ SUBCOMMANDS = {
         "ASU / SIMU / Sophia unlearning without the harness",
     ),
     "tau-sweep": ("asu_simu_plugin.tau_sweep", "how the attention temperature affects a model"),
+    "neurons": ("asu_simu_plugin.cli.neurons", "SIMU critical-neuron masks for several thresholds"),
 }
 
 

@@ -1,0 +1,125 @@
+"""The `asu-simu` command line: standalone unlearning and the neuron sweep, end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+from asu_simu_plugin import toy
+from asu_simu_plugin.cli import main
+from asu_simu_plugin.neurons import load_masks
+from asu_simu_plugin.runner import RUN_FILE
+
+
+@pytest.fixture
+def files(tmp_path, toy_authors, toy_tokenizer):
+    torch.manual_seed(0)
+    model_dir = tmp_path / "model"
+    LlamaForCausalLM(toy.tiny_llama_config(len(toy_tokenizer))).save_pretrained(model_dir)
+    toy_tokenizer.save_pretrained(model_dir)
+    forget, retain = tmp_path / "forget.jsonl", tmp_path / "retain.jsonl"
+    forget.write_text("\n".join(json.dumps(qa) for qa in toy_authors[0].qa_pairs()))
+    retain.write_text("\n".join(json.dumps(qa) for a in toy_authors[1:3] for qa in a.qa_pairs()))
+    return model_dir, forget, retain
+
+
+@pytest.mark.parametrize("method", ["asu", "simu", "sograddiff"])
+def test_unlearn_writes_a_plain_model_and_its_run_record(files, tmp_path, method):
+    model_dir, forget, retain = files
+    out = tmp_path / method
+    code = main(
+        [
+            "unlearn",
+            "--method",
+            method,
+            "--model",
+            str(model_dir),
+            "--forget",
+            str(forget),
+            "--retain",
+            str(retain),
+            "--output",
+            str(out),
+            "--epochs",
+            "1",
+            "--lr",
+            "1e-3",
+            "--batch-size",
+            "2",
+            "--set",
+            "gamma=0.5",
+        ]
+    )
+    assert code == 0
+    record = json.loads((out / RUN_FILE).read_text())
+    assert record["method"] == method and record["method_args"] == {"gamma": 0.5}
+    assert record["forget_examples"] == 5 and record["retain_examples"] == 10
+    original = AutoModelForCausalLM.from_pretrained(model_dir)
+    unlearned = AutoModelForCausalLM.from_pretrained(out)
+    assert unlearned.state_dict().keys() == original.state_dict().keys()
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(
+            original.state_dict().values(), unlearned.state_dict().values(), strict=True
+        )
+    )
+    if method == "simu":
+        assert (out / "simu_masks.safetensors").is_file()
+
+
+def test_empty_forget_set_is_refused(files, tmp_path):
+    model_dir, _, retain = files
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="empty"):
+        main(
+            [
+                "unlearn",
+                "--method",
+                "asu",
+                "--model",
+                str(model_dir),
+                "--forget",
+                str(empty),
+                "--retain",
+                str(retain),
+                "--output",
+                str(tmp_path / "o"),
+            ]
+        )
+
+
+def test_neurons_sweep_writes_csv_png_and_a_reusable_mask(files, tmp_path):
+    model_dir, forget, _ = files
+    out = tmp_path / "neurons"
+    assert (
+        main(
+            [
+                "neurons",
+                "--model",
+                str(model_dir),
+                "--data",
+                str(forget),
+                "--thresholds",
+                "0.2,0.5,0.9",
+                "--steps",
+                "3",
+                "--out",
+                str(out),
+                "--save",
+                "0.5",
+            ]
+        )
+        == 0
+    )
+    rows = list(csv.DictReader((out / "neurons.csv").open()))
+    assert [float(r["threshold"]) for r in rows] == [0.2, 0.5, 0.9]
+    totals = [int(r["total"]) for r in rows]
+    assert totals[0] >= totals[1] >= totals[2] >= 0  # higher t, fewer critical neurons
+    assert (out / "neurons.png").read_bytes()[:4] == b"\x89PNG"
+    masks = load_masks(out / "simu_masks.safetensors")
+    assert sum(int(m.sum()) for m in masks.values()) == totals[1]
