@@ -4,9 +4,9 @@ It finds the harness, builds our trainer classes on the harness's own `GradDiff`
 inherit its DeepSpeed reference-model path, evaluation and logging), and registers them into the
 harness registries without ever shadowing a harness name.
 
-The harness is found through `OPEN_UNLEARNING_SRC` (a checkout; its `src/` is put on `sys.path`)
-or, failing that, an importable top-level `trainer` module that has `TRAINER_REGISTRY` (the case
-inside `python src/train.py`).
+The harness is the one already running (inside `python src/train.py` its `trainer` module is
+imported before us), else the checkout named by `OPEN_UNLEARNING_SRC` (its `src/` is put on
+`sys.path`), else an importable top-level `trainer` module that has `TRAINER_REGISTRY`.
 """
 
 from __future__ import annotations
@@ -54,9 +54,11 @@ def harness_src_dir() -> Path | None:
 
 def import_harness(module: str = "trainer") -> ModuleType:
     """Import a top-level harness module (`trainer`, `model`, `data`, `evals`)."""
-    src = harness_src_dir()
-    if src is not None and str(src) not in sys.path:
-        sys.path.insert(0, str(src))
+    running = sys.modules.get("trainer")
+    if running is None or not _looks_like_harness(running):  # the running harness wins
+        src = harness_src_dir()
+        if src is not None and str(src) not in sys.path:
+            sys.path.insert(0, str(src))
     try:
         trainer_module = importlib.import_module("trainer")
     except ImportError as error:

@@ -31,14 +31,14 @@ def reference_run(
     beta1, beta2 = f32(betas[0]), f32(betas[1])
     one, eps = f32(1.0), f32(1e-15)
     flat = [[f32(v) for v in p.detach().float().flatten().tolist()] for p in params]
-    m = [[0.0] * len(f) for f in flat]
-    h = [[0.0] * len(f) for f in flat]
+    m = [[f32(0.0)] * len(f) for f in flat]
+    h = [[f32(0.0)] * len(f) for f in flat]
     for step in range(steps):
         grads = [[f32(v) for v in g.float().flatten().tolist()] for g in grads_at(step, flat)]
         if mode == "grad2" or soul:
             h = [
-                [beta2 * hv + (1 - beta2) * gv * gv for hv, gv in zip(hs, gs)]
-                for hs, gs in zip(h, grads)
+                [hv * beta2 + (one - beta2) * gv * gv for hv, gv in zip(hs, gs, strict=True)]
+                for hs, gs in zip(h, grads, strict=True)
             ]
         for i in range(len(flat)):
             for j in range(len(flat[i])):
@@ -51,12 +51,14 @@ def reference_run(
                 flat[i][j] = theta - lr * (sign * ratio)
                 m[i][j] = mm
         if mode == "gnb" and step % hessian_every == hessian_every - 1:
-            hg = [g.double().flatten().tolist() for g in hess_grads_at(step, flat)]
+            hg = [[f32(v) for v in g.float().flatten().tolist()] for g in hess_grads_at(step, flat)]
             h = [
-                [beta2 * hv + (1 - beta2) * gv * gv for hv, gv in zip(hs, gs)]
-                for hs, gs in zip(h, hg)
+                [hv * beta2 + (one - beta2) * gv * gv for hv, gv in zip(hs, gs, strict=True)]
+                for hs, gs in zip(h, hg, strict=True)
             ]
-    return [torch.tensor(f, dtype=torch.float32).view_as(p) for f, p in zip(flat, params)]
+    return [
+        torch.tensor(f, dtype=torch.float32).view_as(p) for f, p in zip(flat, params, strict=True)
+    ]
 
 
 def problem(seed=0):
@@ -121,7 +123,7 @@ def test_fifty_steps_match_the_published_rule(mode):
         mode="gnb" if mode == "gnb" else "grad2",
         soul=mode == "soul",
     )
-    for got, want in zip((w, b), expected):
+    for got, want in zip((w, b), expected, strict=True):
         torch.testing.assert_close(got.detach(), want, rtol=1e-6, atol=1e-8)
     assert not torch.equal(w.detach(), w0)
 
@@ -199,7 +201,7 @@ def test_resume_from_state_dict_is_bit_identical(dtype):
     state = resumed.state[resumed_params[0]]
     assert state["exp_avg"].dtype == torch.float32 and state["mask"].dtype == torch.bool
     _run(resumed, resumed_params, 20, start=10)
-    for got, want in zip(resumed_params, uninterrupted):
+    for got, want in zip(resumed_params, uninterrupted, strict=True):
         assert torch.equal(got.detach(), want)
     assert not torch.equal(uninterrupted[0], saved_init[0])
 
