@@ -20,7 +20,6 @@ from hydra.plugins.search_path_plugin import SearchPathPlugin
 
 logger = logging.getLogger(__name__)
 
-CONFIG_PACKAGE = "asu_simu_plugin.configs"
 HARNESS_SCRIPTS = ("train.py", "eval.py")
 
 
@@ -41,7 +40,10 @@ def running_harness_script() -> Path | None:
 
 class AsuSimuSearchPathPlugin(SearchPathPlugin):
     def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
-        search_path.append(provider="asu-simu-plugin", path=f"pkg://{CONFIG_PACKAGE}")
+        from asu_simu_plugin import config_dir
+
+        # A file path works for wheels, editable installs and source checkouts alike.
+        search_path.append(provider="asu-simu-plugin", path=f"file://{config_dir()}")
 
 
 def _register_with_harness() -> None:
