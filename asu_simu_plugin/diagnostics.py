@@ -41,10 +41,12 @@ def answer_probability(model, dataset: QADataset, pad_token_id: int, batch_size:
 
 
 @torch.no_grad()
-def greedy_answer(model, tokenizer, question: str, max_new_tokens: int = 24) -> str:
+def greedy_answer(
+    model, tokenizer, question: str, system_prompt: str | None = None, max_new_tokens: int = 24
+) -> str:
     """Greedy continuation of the prompt for `question`, decoded without special tokens."""
     model.eval()
-    prompt, _ = prompt_and_answer_text(tokenizer, question, "")
+    prompt, _ = prompt_and_answer_text(tokenizer, question, "", system_prompt)
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
     ids = ids.to(next(model.parameters()).device)
     out = model.generate(
