@@ -149,7 +149,7 @@ def _integrated_gradients(model, projections, observed, inputs, labels, pairs, s
     copies = len(pairs)
     batch_size = labels.shape[0]
     repeated = {k: v.repeat(copies, *([1] * (v.dim() - 1))) for k, v in inputs.items()}
-    real_tokens = inputs["attention_mask"].bool().unsqueeze(0).unsqueeze(-1)  # [1, B, T, 1]
+    real_tokens = inputs["attention_mask"].bool().unsqueeze(-1)  # [B, T, 1]
     leaves, handles = {}, []
     for layer_id in sorted({layer for layer, _ in pairs}):
         copy_ids = [c for c, (layer, _) in enumerate(pairs) if layer == layer_id]
@@ -177,10 +177,11 @@ def _integrated_gradients(model, projections, observed, inputs, labels, pairs, s
             handle.remove()
     result = {}
     for layer_id, grad in zip(leaves, grads, strict=True):
-        beta = observed[layer_id].unsqueeze(0).float()
-        # Padding is not a position of the sum (where(), so a stray non-finite value there is ignored).
-        terms = torch.where(real_tokens, beta * grad.float(), 0.0)
-        result[layer_id] = terms.sum(dim=(0, 1, 2)).cpu() / steps
+        # β is the same for every copy, so sum the copies' gradients first (memory).
+        terms = observed[layer_id].float() * grad.float().sum(dim=0)
+        # Padding is no position of the sum; where() also drops a stray NaN there.
+        terms = torch.where(real_tokens, terms, 0.0)
+        result[layer_id] = terms.sum(dim=(0, 1)).cpu() / steps
     return result
 
 

@@ -1,37 +1,68 @@
-"""SophiaG: Sophia with a diagonal Gauss-Newton-Bartlett Hessian estimate (Liu et al., ICLR 2024).
-
-The update is the reference implementation's (Liuhong99/Sophia `sophia.py`), per coordinate:
-
-    θ ← θ · (1 − lr · weight_decay)                     decoupled weight decay
-    m ← β₁ · m + (1 − β₁) · g                           momentum (no bias correction)
-    θ ← θ − lr · sign(m) · min(|m| / (ρ · bs · h + 1e-15), 1)
-
-and `update_hessian()` folds the current gradient squared into h ← β₂ · h + (1 − β₂) · g². Call it
-right after back-propagating a loss on labels sampled from the model (Sophia-G); `bs` is the
-number of those labels (the reference stores the EMA without it and applies it at step time).
-
-Beyond the reference:
-- State (`exp_avg`, `hessian`) is fp32 whatever the parameter dtype and the update is computed in
-  fp32. Low-precision (bf16/fp16) parameters also get an fp32 master copy in the state, so
-  updates smaller than the parameter's rounding step accumulate instead of being lost.
-- Masks (`set_mask`): masked-out entries keep value, momentum and Hessian bit-identical, weight
-  decay included (SIMU's "triple masking"). Masks live in the state and survive checkpoints.
-- `auto_hessian=True` (SOUL's "grad2" mode): every `step()` first folds the gradient of the
-  actual loss, squared, into the Hessian EMA — no extra pass.
-- `soul_compat=True` reproduces OPTML-Group/SOUL's `sophia.py` for baseline fidelity: grad² Hessian
-  every step, the momentum folded twice with the same gradient (m ← β₁²·m + (1 − β₁²)·g), and
-  `bs` = 5120 because the HF trainer never passes it.
-"""
+"""SophiaG: Sophia with a diagonal Gauss-Newton-Bartlett Hessian estimate (Liu et al., ICLR 2024)."""
 
 from __future__ import annotations
 
 import torch
 from torch.optim import Optimizer
 
-STATE_FP32_KEYS = ("exp_avg", "hessian", "master")
+# Parameters stored in these dtypes get an fp32 rounding remainder in the state (see SophiaG).
+LOW_PRECISION_DTYPES = (torch.bfloat16, torch.float16)
+# State entries kept in their own dtype on load (torch would cast them to the parameter dtype).
+FP32_STATE_KEYS = ("exp_avg", "hessian", "residual")
+EPS = 1e-15  # added to the clipping denominator, as in the reference
 
 
 class SophiaG(Optimizer):
+    r"""SophiaG as in the reference code (Liuhong99/Sophia ``sophia.py``), plus fp32 state and masks.
+
+    Per coordinate, with ``g`` the gradient (negated when ``maximize``), ``h`` the Hessian EMA:
+
+    .. code-block:: text
+
+        θ ← θ · (1 − lr · weight_decay)                      decoupled weight decay
+        m ← β₁ · m + (1 − β₁) · g                            momentum, no bias correction
+        θ ← θ − lr · sign(m) · min(|m| / (rho · bs · h + 1e-15), 1)
+
+    ``update_hessian()`` folds the current ``.grad`` squared into ``h ← β₂ · h + (1 − β₂) · grad²``.
+    For Sophia-G call it right after back-propagating the mean cross-entropy of labels sampled from
+    the model (every k = 10 steps in the paper); ``bs`` is the number of those labels: the stored
+    EMA lacks that factor and it is applied at step time, as in the reference. Until the first
+    Hessian estimate, h = 0 and every coordinate takes a sign step of size ``lr``.
+
+    Options, all per parameter group: ``lr``, ``betas``, ``rho``, ``weight_decay``, ``bs`` (also
+    ``step(bs=...)`` for one call), ``maximize``, ``auto_hessian``, ``soul_compat``.
+
+    Hessian modes:
+
+    - ``auto_hessian=False`` (default): the Hessian changes only through ``update_hessian()``.
+    - ``auto_hessian=True`` (SOUL's "grad2" mode): every ``step()`` first folds the gradient of the
+      loss being optimised, squared, into the EMA and then updates with it; no extra pass.
+    - ``soul_compat=True`` reproduces OPTML-Group/SOUL ``src/optim/sophia.py`` exactly (state in
+      fp32 aside): it implies ``auto_hessian`` and folds the same gradient into the momentum twice
+      per step, first the raw ``.grad`` and then the (``maximize``-negated) gradient, so the
+      effective momentum is ``m ← β₁² · m + (1 − β₁²) · g`` (with ``maximize``:
+      ``β₁² · m − (1 − β₁)² · grad``). SOUL's ``bs`` is 5120 because the HF trainer never passes
+      it, which is also the constructor default here.
+
+    Precision: ``step``, ``exp_avg`` and ``hessian`` are fp32 whatever the parameter dtype, and the
+    update is computed in fp32. A bf16/fp16 parameter also gets ``residual``, an fp32 tensor holding
+    the rounding remainder ``θ − float(round(θ))`` of its last update. ``p.float() + residual`` is
+    exactly the fp32 value an fp32 run would hold (a master copy in the same memory), so updates
+    smaller than half the parameter's rounding step accumulate instead of being lost. When the
+    parameter is changed in place outside the optimizer (its version counter moves: ``copy_``,
+    ``load_state_dict``), the remainder is dropped wherever it no longer rounds back to the new
+    value; changes made through ``.data`` are not seen and keep the old remainder (off by less than
+    half a rounding step of the old value). fp64 parameters are updated in fp64.
+
+    Masks (SIMU's "triple masking"): ``set_mask(param, mask)`` restricts every update to the entries
+    where ``mask`` is True. Masked-out entries keep value, momentum and Hessian bit-identical, weight
+    decay and ``update_hessian()`` included. Masks live in the optimizer state, so they are saved
+    and restored with ``state_dict()``/``load_state_dict()``; a restored run continues bit-identically.
+
+    ``win_rate()``: the fraction of (unmasked) coordinates updated in the last step that were not
+    clipped, ``|m| < rho · bs · h``. Sophia's authors tune ``rho`` to keep it in 0.1–0.5.
+    """
+
     def __init__(
         self,
         params,
@@ -45,174 +76,266 @@ class SophiaG(Optimizer):
         auto_hessian: bool = False,
         soul_compat: bool = False,
     ):
-        if not lr >= 0.0:
-            raise ValueError(f"invalid learning rate {lr}: it must be >= 0")
-        if not rho > 0.0:
-            raise ValueError(f"invalid rho {rho}: it must be > 0 (the reference default is 0.04)")
-        betas = tuple(float(b) for b in betas)
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"invalid betas {betas}: both must be in [0, 1)")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"invalid weight_decay {weight_decay}: it must be >= 0")
-        if not bs > 0:
-            raise ValueError(
-                f"invalid bs {bs}: it must be > 0 (tokens behind the Hessian estimate)"
-            )
         defaults = dict(
             lr=lr,
             betas=betas,
             rho=rho,
             weight_decay=weight_decay,
-            maximize=maximize,
             bs=bs,
-            auto_hessian=bool(auto_hessian or soul_compat),
-            soul_compat=bool(soul_compat),
+            maximize=maximize,
+            auto_hessian=auto_hessian,
+            soul_compat=soul_compat,
         )
         super().__init__(params, defaults)
-        self._unclipped = None  # (count tensor, total) of the last step, for win_rate()
+        self._init_bookkeeping()
+
+    def _init_bookkeeping(self) -> None:
+        # Not part of the saved state: both are rebuilt from the first step after a load.
+        self._written_version = {}  # param -> its version counter right after our last write
+        self._win_counts = None  # {device: [unclipped, active]} of the last step
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "_written_version" not in self.__dict__:
+            self._init_bookkeeping()
+
+    def add_param_group(self, param_group: dict) -> None:
+        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        _validate_options(merged, len(self.param_groups))
+        param_group = dict(param_group)
+        param_group["betas"] = tuple(float(b) for b in merged["betas"])
+        param_group["auto_hessian"] = bool(merged["auto_hessian"] or merged["soul_compat"])
+        super().add_param_group(param_group)
 
     # -- state ---------------------------------------------------------------------------------
-    def _state(self, p: torch.Tensor) -> dict:
+    def _state_for(self, p: torch.Tensor) -> dict:
         state = self.state[p]
         if "exp_avg" not in state:
+            if p.is_complex():
+                raise TypeError("SophiaG does not support complex parameters")
             state["step"] = torch.zeros((), dtype=torch.float32)
             state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
             state["hessian"] = torch.zeros_like(p, dtype=torch.float32)
-        if p.dtype != torch.float32:
-            master = state.get("master")
-            # (Re)sync the master copy if the parameter was changed outside the optimizer.
-            if master is None or not torch.equal(master.to(p.dtype), p.detach()):
-                state["master"] = p.detach().float().clone()
+        if p.dtype in LOW_PRECISION_DTYPES and "residual" not in state:
+            state["residual"] = torch.zeros_like(p, dtype=torch.float32)
         return state
 
-    def set_mask(self, param: torch.Tensor, mask) -> None:
-        """Restrict updates of `param` to the entries where `mask` is True (None: no mask)."""
-        if not any(param is p for group in self.param_groups for p in group["params"]):
-            raise ValueError("set_mask: the parameter is not managed by this optimizer")
-        state = self._state(param)
+    def _managed(self, param: torch.Tensor) -> bool:
+        return any(param is p for group in self.param_groups for p in group["params"])
+
+    def set_mask(self, param: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Update only the entries of `param` where `mask` is True; `None` removes the mask.
+
+        `mask` is a torch.bool tensor that broadcasts to the parameter's shape, e.g. shape
+        ``(1, d_ff)`` selects columns of a ``(d_model, d_ff)`` weight. It is copied to the
+        parameter's device and stored in the optimizer state (saved with ``state_dict()``).
+        """
+        if not self._managed(param):
+            raise ValueError(
+                f"set_mask: the parameter of shape {tuple(param.shape)} is not in any of this "
+                "optimizer's parameter groups; pass one of the tensors given to SophiaG"
+            )
+        state = self._state_for(param)
         if mask is None:
             state.pop("mask", None)
             return
         if not torch.is_tensor(mask) or mask.dtype != torch.bool:
-            raise TypeError("set_mask: the mask must be a torch.bool tensor")
+            kind = mask.dtype if torch.is_tensor(mask) else type(mask).__name__
+            raise TypeError(
+                f"set_mask: the mask must be a torch.bool tensor (got {kind}) for the parameter "
+                f"of shape {tuple(param.shape)}; convert it with `mask.bool()` or `mask != 0`"
+            )
         try:
-            torch.broadcast_shapes(mask.shape, param.shape)
-        except RuntimeError as error:
+            shape = torch.broadcast_shapes(mask.shape, param.shape)
+        except RuntimeError:
+            shape = None
+        if shape != param.shape:
             raise ValueError(
                 f"set_mask: a mask of shape {tuple(mask.shape)} does not broadcast to the "
-                f"parameter's shape {tuple(param.shape)}"
-            ) from error
-        if torch.broadcast_shapes(mask.shape, param.shape) != param.shape:
-            raise ValueError(
-                f"set_mask: mask shape {tuple(mask.shape)} would enlarge the parameter's "
-                f"shape {tuple(param.shape)}"
+                f"parameter's shape {tuple(param.shape)}; give it that shape or one with size-1 "
+                "dimensions where the whole dimension shares a value"
             )
-        state["mask"] = mask.to(param.device)
+        state["mask"] = mask.to(device=param.device, copy=True)
 
-    def mask_of(self, param: torch.Tensor):
+    def mask_of(self, param: torch.Tensor) -> torch.Tensor | None:
+        """The mask set on `param`, or None."""
         return self.state[param].get("mask") if param in self.state else None
+
+    @staticmethod
+    def _fp32_grad(p: torch.Tensor) -> torch.Tensor:
+        if p.grad.is_sparse:
+            raise RuntimeError("SophiaG does not support sparse gradients")
+        return p.grad if p.grad.dtype == torch.float32 else p.grad.float()
 
     # -- Hessian -------------------------------------------------------------------------------
     @staticmethod
     def _fold_hessian(state: dict, grad: torch.Tensor, beta2: float) -> None:
-        updated = state["hessian"] * beta2 + (1 - beta2) * grad * grad
-        mask = state.get("mask")
+        hessian, mask = state["hessian"], state.get("mask")
         if mask is None:
-            state["hessian"].copy_(updated)
+            hessian.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         else:
-            state["hessian"].copy_(torch.where(mask, updated, state["hessian"]))
+            folded = hessian.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+            torch.where(mask, folded, hessian, out=hessian)
 
     @torch.no_grad()
     def update_hessian(self) -> None:
-        """h ← β₂·h + (1 − β₂)·grad² for every parameter that has a gradient."""
+        """h ← β₂·h + (1 − β₂)·grad² for every parameter with a gradient (masks respected)."""
         for group in self.param_groups:
             beta2 = group["betas"][1]
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                self._fold_hessian(self._state(p), p.grad.float(), beta2)
+                self._fold_hessian(self._state_for(p), self._fp32_grad(p), beta2)
 
     # -- step ----------------------------------------------------------------------------------
+    def _fp32_value(self, p: torch.Tensor, state: dict) -> torch.Tensor:
+        """The fp32 value of a low-precision parameter: p + its stored rounding remainder."""
+        theta = p.float()
+        residual = state["residual"]
+        if self._written_version.get(p) != p._version:
+            # Changed outside the optimizer (or first use): keep the remainder only where it
+            # still rounds back to the current value.
+            stale = theta.add(residual).to(p.dtype) != p
+            residual.masked_fill_(stale, 0.0)
+        return theta.add_(residual)
+
     @torch.no_grad()
     def step(self, closure=None, bs=None):
+        """One Sophia update of every parameter with a gradient; `bs` overrides the groups' bs."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        unclipped, total = None, 0
+        if bs is not None and not bs > 0:
+            raise ValueError(f"step(bs={bs}): bs must be > 0 (tokens behind the Hessian estimate)")
+        win_counts = {}
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            lr, rho, decay = group["lr"], group["rho"], group["weight_decay"]
-            group_bs = group["bs"] if bs is None else bs
+            lr, decay = group["lr"], group["weight_decay"]
+            hessian_scale = group["rho"] * (group["bs"] if bs is None else bs)
+            grad_sign = -1.0 if group["maximize"] else 1.0
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("SophiaG does not support sparse gradients")
-                state = self._state(p)
-                grad = p.grad.float()
-                if group["maximize"]:
-                    grad = -grad
+                grad = self._fp32_grad(p)
+                state = self._state_for(p)
                 state["step"] += 1
                 if group["auto_hessian"]:
                     self._fold_hessian(state, grad, beta2)
-                theta = state["master"] if "master" in state else p
                 mask = state.get("mask")
-                exp_avg, hessian = state["exp_avg"], state["hessian"]
+                low_precision = p.dtype in LOW_PRECISION_DTYPES
+                exp_avg = state["exp_avg"]
+                # Work on the stored tensors in place unless a mask or a rounding step follows.
+                theta = self._fp32_value(p, state) if low_precision else p
+                if mask is not None:
+                    theta = theta if low_precision else theta.clone()
+                    exp_avg = exp_avg.clone()
 
-                new_theta = theta * (1 - lr * decay)
-                new_avg = exp_avg * beta1 + (1 - beta1) * grad
-                if group["soul_compat"]:  # SOUL folds the same gradient in twice
-                    new_avg = new_avg * beta1 + (1 - beta1) * grad
-                ratio = (new_avg.abs() / (rho * group_bs * hessian + 1e-15)).clamp(max=1)
-                new_theta = new_theta.addcmul(new_avg.sign(), ratio, value=-lr)
+                if decay != 0:
+                    theta.mul_(1 - lr * decay)
+                if group["soul_compat"]:  # SOUL's update_exp_avg(): the raw gradient, once more
+                    exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+                exp_avg.mul_(beta1).add_(grad, alpha=grad_sign * (1 - beta1))
+                denominator = state["hessian"].mul(hessian_scale)
+                ratio = exp_avg.abs()
+                unclipped = ratio < denominator
+                ratio.div_(denominator.add_(EPS)).clamp_(max=1).copysign_(exp_avg)
+                del denominator
+                theta.add_(ratio, alpha=-lr)
+                del ratio
 
-                below = ratio < 1
                 if mask is None:
-                    theta.copy_(new_theta)
-                    exp_avg.copy_(new_avg)
-                    counted, size = below.sum(), below.numel()
+                    active = p.numel()
                 else:
-                    theta.copy_(torch.where(mask, new_theta, theta))
-                    exp_avg.copy_(torch.where(mask, new_avg, exp_avg))
-                    full_mask = mask.expand_as(below)
-                    counted, size = (below & full_mask).sum(), int(full_mask.sum())
-                if theta is not p:
-                    p.copy_(theta)
-                unclipped = counted if unclipped is None else unclipped + counted
-                total += size
-        self._unclipped = (unclipped, total) if total else None
+                    unclipped.logical_and_(mask)
+                    active = mask.sum() * (p.numel() // mask.numel())
+                    torch.where(mask, exp_avg, state["exp_avg"], out=state["exp_avg"])
+                    if not low_precision:
+                        torch.where(mask, theta, p, out=p)
+                if low_precision:
+                    self._store_low_precision(p, state["residual"], theta, mask)
+                counts = win_counts.setdefault(p.device, [0, 0])
+                counts[0] = unclipped.sum() + counts[0]
+                counts[1] = active + counts[1]
+        self._win_counts = win_counts or None
         return loss
 
-    def win_rate(self) -> float | None:
-        """Fraction of (unmasked) coordinates not clipped in the last step: |m| < ρ·bs·h.
+    def _store_low_precision(self, p, residual, theta, mask) -> None:
+        """Round theta into p and keep the remainder (only where `mask` is True, if given)."""
+        if mask is None:
+            p.copy_(theta)
+            torch.sub(theta, p, out=residual)
+        else:
+            rounded = theta.to(p.dtype)
+            torch.where(mask, theta.sub_(rounded), residual, out=residual)
+            torch.where(mask, rounded, p, out=p)
+        self._written_version[p] = p._version
 
-        Sophia's authors tune ρ to keep it in 0.1–0.5; 0 means every coordinate took a
-        sign-step of size lr (e.g. before the first Hessian estimate).
+    def win_rate(self) -> float | None:
+        """Fraction of unmasked coordinates not clipped in the last step (|m| < rho·bs·h).
+
+        None before the first step or when the last step updated nothing. 0 means every
+        coordinate took a full sign step of size lr (e.g. before the first Hessian estimate).
         """
-        if self._unclipped is None:
+        if not self._win_counts:
             return None
-        count, total = self._unclipped
-        return float(count) / total
+        unclipped = sum(float(counts[0]) for counts in self._win_counts.values())
+        active = sum(float(counts[1]) for counts in self._win_counts.values())
+        return unclipped / active if active else None
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def load_state_dict(self, state_dict) -> None:
-        # torch casts floating state to the parameter dtype (and masks to it too): keep the
-        # fp32 state fp32 and the masks boolean.
-        saved = {index: dict(values) for index, values in state_dict["state"].items()}
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state saved by `state_dict()`; fp32 state stays fp32, masks stay boolean."""
+        # torch casts every floating tensor (and the masks) to the parameter's dtype: take our
+        # entries out, let torch restore the rest, then put them back in their own dtypes.
+        state_dict = dict(state_dict)
+        kept, rest = {}, {}
+        for index, values in state_dict["state"].items():
+            values = dict(values)
+            kept[index] = {
+                key: values.pop(key) for key in (*FP32_STATE_KEYS, "step", "mask") if key in values
+            }
+            rest[index] = values
+        state_dict["state"] = rest
         super().load_state_dict(state_dict)
         by_index = {
             index: p
-            for saved_group, group in zip(
-                state_dict["param_groups"], self.param_groups, strict=True
-            )
-            for index, p in zip(saved_group["params"], group["params"], strict=True)
+            for saved, group in zip(state_dict["param_groups"], self.param_groups, strict=True)
+            for index, p in zip(saved["params"], group["params"], strict=True)
         }
-        for index, values in saved.items():
+        for index, values in kept.items():
             p = by_index[index]
-            for key in STATE_FP32_KEYS:
-                if key in values:
-                    self.state[p][key] = values[key].to(device=p.device, dtype=torch.float32)
-            if "mask" in values:
-                self.state[p]["mask"] = values["mask"].to(device=p.device, dtype=torch.bool)
-        self._unclipped = None
+            state = self.state[p]
+            for key, value in values.items():
+                if key == "mask":
+                    state[key] = value.to(device=p.device, dtype=torch.bool)
+                elif key == "step":  # a copy: the loaded dict's tensor is not stepped in place
+                    state[key] = value.detach().to(dtype=torch.float32, copy=True)
+                else:
+                    state[key] = value.to(device=p.device, dtype=torch.float32)
+        self._init_bookkeeping()
+
+
+def _validate_options(options: dict, index: int) -> None:
+    where = f"SophiaG (parameter group {index})"
+    lr, rho, decay, bs = options["lr"], options["rho"], options["weight_decay"], options["bs"]
+    if not lr >= 0.0:
+        raise ValueError(f"{where}: lr={lr}; the learning rate must be >= 0")
+    if not rho > 0.0:
+        raise ValueError(
+            f"{where}: rho={rho}; rho must be > 0 (it scales the Hessian in the clipping "
+            "denominator; the reference default is 0.04)"
+        )
+    betas = options["betas"]
+    try:
+        betas = tuple(float(b) for b in betas)
+    except (TypeError, ValueError):
+        betas = ()
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(
+            f"{where}: betas={options['betas']}; give two numbers in [0, 1), e.g. (0.965, 0.99)"
+        )
+    if not decay >= 0.0:
+        raise ValueError(f"{where}: weight_decay={decay}; it must be >= 0")
+    if not bs > 0:
+        raise ValueError(f"{where}: bs={bs}; it must be > 0 (tokens behind the Hessian estimate)")

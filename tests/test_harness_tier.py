@@ -97,14 +97,20 @@ def test_teacher_handler_scores_the_tempered_model(tiny_model, tmp_path):
     assert tempered["forget_Q_A_Prob"] != pytest.approx(plain["forget_Q_A_Prob"], rel=1e-6)
 
 
-@pytest.mark.parametrize("trainer", ["SOGradDiff", "SONPO"])
-def test_sophia_trainers_train(tiny_model, tmp_path, trainer):
+@pytest.mark.parametrize("trainer", ["SOGradDiff", "SONPO", "SIMU"])
+def test_second_order_trainers_train(tiny_model, tmp_path, trainer):
     out = tmp_path / trainer
+    extra = ["trainer.method_args.steps=2"] if trainer == "SIMU" else []
     train(
         tiny_model,
         out,
         f"experiment=unlearn/tofu/{trainer.lower()}",
         "trainer.method_args.hessian_mode=gnb",
         "trainer.method_args.hessian_interval=1",
+        *extra,
     )
     assert (out / "model.safetensors").is_file()
+    if trainer == "SIMU":
+        record = json.loads((out / "simu_masks.json").read_text())
+        assert record["steps"] == 2 and record["critical_total"] > 0
+        assert (out / "simu_masks.safetensors").is_file() and (out / "simu_masks.png").is_file()
