@@ -63,6 +63,9 @@ class SophiaG(Optimizer):
     clipped, ``|m| < rho · bs · h``. Sophia's authors tune ``rho`` to keep it in 0.1–0.5.
     """
 
+    # CPU parameters are updated in slices of about this many entries (see `_parts`).
+    cpu_chunk_elements = 1 << 18
+
     def __init__(
         self,
         params,
@@ -161,22 +164,7 @@ class SophiaG(Optimizer):
         """The mask set on `param`, or None."""
         return self.state[param].get("mask") if param in self.state else None
 
-    @staticmethod
-    def _fp32_grad(p: torch.Tensor) -> torch.Tensor:
-        if p.grad.is_sparse:
-            raise RuntimeError("SophiaG does not support sparse gradients")
-        return p.grad if p.grad.dtype == torch.float32 else p.grad.float()
-
     # -- Hessian -------------------------------------------------------------------------------
-    @staticmethod
-    def _fold_hessian(state: dict, grad: torch.Tensor, beta2: float) -> None:
-        hessian, mask = state["hessian"], state.get("mask")
-        if mask is None:
-            hessian.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        else:
-            folded = hessian.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
-            torch.where(mask, folded, hessian, out=hessian)
-
     @torch.no_grad()
     def update_hessian(self) -> None:
         """h ← β₂·h + (1 − β₂)·grad² for every parameter with a gradient (masks respected)."""
@@ -185,19 +173,27 @@ class SophiaG(Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                self._fold_hessian(self._state_for(p), self._fp32_grad(p), beta2)
+                _check_grad(p)
+                state = self._state_for(p)
+                mask = _aligned_mask(state.get("mask"), p)
+                for part in self._parts(p):
+                    _fold_hessian(
+                        part(state["hessian"]), _fp32(part(p.grad)), beta2, _mask_part(mask, part)
+                    )
 
     # -- step ----------------------------------------------------------------------------------
-    def _fp32_value(self, p: torch.Tensor, state: dict) -> torch.Tensor:
-        """The fp32 value of a low-precision parameter: p + its stored rounding remainder."""
-        theta = p.float()
-        residual = state["residual"]
-        if self._written_version.get(p) != p._version:
-            # Changed outside the optimizer (or first use): keep the remainder only where it
-            # still rounds back to the current value.
-            stale = theta.add(residual).to(p.dtype) != p
-            residual.masked_fill_(stale, 0.0)
-        return theta.add_(residual)
+    def _parts(self, p: torch.Tensor):
+        """Functions taking a tensor shaped like `p` to one slice along dim 0; together they cover it.
+
+        On CPU the slices hold about `cpu_chunk_elements` entries, so the update's temporaries stay
+        cache-sized and are reused instead of freshly allocated (and page-faulted) per parameter.
+        Elsewhere one part covers the whole tensor: fewer kernel launches.
+        """
+        chunk = self.cpu_chunk_elements
+        if p.dim() == 0 or p.device.type != "cpu" or p.numel() <= chunk:
+            return [lambda t: t]
+        rows = max(1, chunk // (p.numel() // p.shape[0]))
+        return [lambda t, i=i: t[i : i + rows] for i in range(0, p.shape[0], rows)]
 
     @torch.no_grad()
     def step(self, closure=None, bs=None):
@@ -210,66 +206,35 @@ class SophiaG(Optimizer):
             raise ValueError(f"step(bs={bs}): bs must be > 0 (tokens behind the Hessian estimate)")
         win_counts = {}
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            lr, decay = group["lr"], group["weight_decay"]
-            hessian_scale = group["rho"] * (group["bs"] if bs is None else bs)
-            grad_sign = -1.0 if group["maximize"] else 1.0
+            options = dict(group, hessian_scale=group["rho"] * (group["bs"] if bs is None else bs))
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                grad = self._fp32_grad(p)
+                _check_grad(p)
                 state = self._state_for(p)
                 state["step"] += 1
-                if group["auto_hessian"]:
-                    self._fold_hessian(state, grad, beta2)
-                mask = state.get("mask")
-                low_precision = p.dtype in LOW_PRECISION_DTYPES
-                exp_avg = state["exp_avg"]
-                # Work on the stored tensors in place unless a mask or a rounding step follows.
-                theta = self._fp32_value(p, state) if low_precision else p
-                if mask is not None:
-                    theta = theta if low_precision else theta.clone()
-                    exp_avg = exp_avg.clone()
-
-                if decay != 0:
-                    theta.mul_(1 - lr * decay)
-                if group["soul_compat"]:  # SOUL's update_exp_avg(): the raw gradient, once more
-                    exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-                exp_avg.mul_(beta1).add_(grad, alpha=grad_sign * (1 - beta1))
-                denominator = state["hessian"].mul(hessian_scale)
-                ratio = exp_avg.abs()
-                unclipped = ratio < denominator
-                ratio.div_(denominator.add_(EPS)).clamp_(max=1).copysign_(exp_avg)
-                del denominator
-                theta.add_(ratio, alpha=-lr)
-                del ratio
-
-                if mask is None:
-                    active = p.numel()
-                else:
-                    unclipped.logical_and_(mask)
-                    active = mask.sum() * (p.numel() // mask.numel())
-                    torch.where(mask, exp_avg, state["exp_avg"], out=state["exp_avg"])
-                    if not low_precision:
-                        torch.where(mask, theta, p, out=p)
-                if low_precision:
-                    self._store_low_precision(p, state["residual"], theta, mask)
+                mask = _aligned_mask(state.get("mask"), p)
+                # A low-precision parameter changed outside the optimizer (or seen for the first
+                # time) gets its stored rounding remainders checked against its current value.
+                check_residual = self._written_version.get(p) != p._version
                 counts = win_counts.setdefault(p.device, [0, 0])
-                counts[0] = unclipped.sum() + counts[0]
-                counts[1] = active + counts[1]
+                for part in self._parts(p):
+                    unclipped, active = _update_part(
+                        part(p),
+                        part(p.grad),
+                        part(state["exp_avg"]),
+                        part(state["hessian"]),
+                        part(state["residual"]) if p.dtype in LOW_PRECISION_DTYPES else None,
+                        _mask_part(mask, part),
+                        options,
+                        check_residual,
+                    )
+                    counts[0] = unclipped + counts[0]
+                    counts[1] = active + counts[1]
+                if p.dtype in LOW_PRECISION_DTYPES:
+                    self._written_version[p] = p._version
         self._win_counts = win_counts or None
         return loss
-
-    def _store_low_precision(self, p, residual, theta, mask) -> None:
-        """Round theta into p and keep the remainder (only where `mask` is True, if given)."""
-        if mask is None:
-            p.copy_(theta)
-            torch.sub(theta, p, out=residual)
-        else:
-            rounded = theta.to(p.dtype)
-            torch.where(mask, theta.sub_(rounded), residual, out=residual)
-            torch.where(mask, rounded, p, out=p)
-        self._written_version[p] = p._version
 
     def win_rate(self) -> float | None:
         """Fraction of unmasked coordinates not clipped in the last step (|m| < rho·bs·h).
@@ -339,3 +304,84 @@ def _validate_options(options: dict, index: int) -> None:
         raise ValueError(f"{where}: weight_decay={decay}; it must be >= 0")
     if not bs > 0:
         raise ValueError(f"{where}: bs={bs}; it must be > 0 (tokens behind the Hessian estimate)")
+
+
+def _check_grad(p: torch.Tensor) -> None:
+    if p.grad.is_sparse:
+        raise RuntimeError("SophiaG does not support sparse gradients")
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.float()
+
+
+def _aligned_mask(mask: torch.Tensor | None, p: torch.Tensor) -> torch.Tensor | None:
+    """The mask with leading size-1 dimensions added up to p.dim(), so it slices along dim 0."""
+    if mask is None or mask.dim() == p.dim():
+        return mask
+    return mask.reshape((1,) * (p.dim() - mask.dim()) + tuple(mask.shape))
+
+
+def _mask_part(mask: torch.Tensor | None, part) -> torch.Tensor | None:
+    if mask is None or mask.dim() == 0 or mask.shape[0] == 1:
+        return mask
+    return part(mask)
+
+
+def _fold_hessian(hessian, grad, beta2: float, mask) -> None:
+    if mask is None:
+        hessian.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    else:
+        folded = hessian.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+        torch.where(mask, folded, hessian, out=hessian)
+
+
+def _update_part(p, grad, exp_avg, hessian, residual, mask, options, check_residual):
+    """The Sophia update of one slice of a parameter, in place; returns (unclipped, active) counts.
+
+    Without a mask the stored tensors are updated in place; with one the update is computed on
+    copies and written back only where the mask is True.
+    """
+    beta1, beta2 = options["betas"]
+    lr, decay = options["lr"], options["weight_decay"]
+    grad = _fp32(grad)
+    if options["auto_hessian"]:
+        _fold_hessian(hessian, grad, beta2, mask)
+    if residual is not None:  # low precision: work on the exact fp32 value p + remainder
+        theta = p.float()
+        if check_residual:  # keep a remainder only where it still rounds back to p
+            residual.masked_fill_(theta.add(residual).to(p.dtype) != p, 0.0)
+        theta.add_(residual)
+    else:
+        theta = p if mask is None else p.clone()
+    momentum = exp_avg if mask is None else exp_avg.clone()
+
+    if decay != 0:
+        theta.mul_(1 - lr * decay)
+    if options["soul_compat"]:  # SOUL's update_exp_avg(): the raw gradient, once more
+        momentum.mul_(beta1).add_(grad, alpha=1 - beta1)
+    grad_sign = -1.0 if options["maximize"] else 1.0
+    momentum.mul_(beta1).add_(grad, alpha=grad_sign * (1 - beta1))
+    denominator = hessian.mul(options["hessian_scale"])
+    ratio = momentum.abs()
+    unclipped = ratio < denominator  # |m| < rho·bs·h
+    ratio.div_(denominator.add_(EPS)).clamp_(max=1).copysign_(momentum)
+    theta.add_(ratio, alpha=-lr)  # θ − lr·sign(m)·min(|m| / (rho·bs·h + ε), 1)
+
+    if mask is None:
+        active = theta.numel()
+    else:
+        unclipped.logical_and_(mask)
+        active = torch.count_nonzero(mask) * (theta.numel() // mask.numel())
+        torch.where(mask, momentum, exp_avg, out=exp_avg)
+        if residual is None:
+            torch.where(mask, theta, p, out=p)
+    if residual is not None:
+        if mask is None:
+            p.copy_(theta)
+            torch.sub(theta, p, out=residual)
+        else:
+            rounded = theta.to(p.dtype)
+            torch.where(mask, theta.sub_(rounded), residual, out=residual)
+            torch.where(mask, rounded, p, out=p)
+    return torch.count_nonzero(unclipped), active

@@ -30,7 +30,10 @@ def reference_sophia(
     one, eps = F32(1.0), F32(1e-15)
 
     def as_tensors():
-        return [torch.tensor(np.array(t, dtype=np.float32)).view_as(x) for t, x in zip(theta, init)]
+        return [
+            torch.tensor(np.array(t, dtype=np.float32)).view_as(x)
+            for t, x in zip(theta, init, strict=True)
+        ]
 
     def fold(grads):
         for i, g in enumerate(grads):
@@ -263,7 +266,9 @@ def test_masked_entries_stay_bit_identical_with_weight_decay(dtype, mode):
     mask = torch.tensor([True, False, True, False, False, True]).view(1, 6)
     masked_opt.set_mask(masked, mask)
     state = masked_opt.state[masked]
-    value, momentum, hessian = (t.clone() for t in (masked.detach(), state["exp_avg"], state["hessian"]))
+    value, momentum, hessian = (
+        t.clone() for t in (masked.detach(), state["exp_avg"], state["hessian"])
+    )
     assert (momentum != 0).all() and (hessian != 0).all()
 
     _random_run(masked_opt, [masked], 20, start=4, hessian_every=5)
@@ -366,3 +371,30 @@ def test_errors_name_the_fix():
         opt.set_mask(p, torch.ones(2, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="not in any of this optimizer's parameter groups"):
         opt.set_mask(torch.nn.Parameter(torch.zeros(3)), torch.ones(3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_slices_give_the_whole_tensor_update(dtype):
+    # CPU parameters are updated in slices along dim 0; slices of 2 rows / 7 entries here.
+    torch.manual_seed(3)
+    init = [torch.randn(9, 4).to(dtype), torch.randn(30).to(dtype), torch.randn(()).to(dtype)]
+    masks = [torch.tensor([True, False, True, True]), torch.rand(30) < 0.5, None]
+    runs = []
+    for chunk in (8, 1 << 30):
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        opt = SophiaG(params, lr=1e-2, weight_decay=0.1, bs=16, soul_compat=True)
+        opt.cpu_chunk_elements = chunk
+        assert len(opt._parts(params[0])) == (5 if chunk == 8 else 1)
+        for p, mask in zip(params, masks, strict=True):
+            if mask is not None:
+                opt.set_mask(p, mask)
+        _random_run(opt, params, 12)
+        runs.append((params, opt))
+    (sliced, sliced_opt), (whole, whole_opt) = runs
+    for a, b in zip(sliced, whole, strict=True):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
+        for key, value in sliced_opt.state[a].items():
+            torch.testing.assert_close(value, whole_opt.state[b][key], rtol=1e-6, atol=1e-7)
+    frozen = ~masks[0].expand(9, 4)
+    assert torch.equal(sliced[0].detach()[frozen], init[0][frozen])
+    assert sliced_opt.win_rate() == whole_opt.win_rate()
