@@ -79,7 +79,11 @@ class ASUMixin(UnlearnMethodMixin):
                 f"retain_loss_type={retain_type!r} is not supported by ASU; use one of "
                 f"{', '.join(ASU_RETAIN_LOSS_TYPES)}"
             )
-        if not isinstance(temperature, int | float) or not math.isfinite(temperature):
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, int | float)
+            or not math.isfinite(temperature)
+        ):
             raise ValueError(f"temperature must be a finite number > 0 (got {temperature!r})")
         super().__init__(*args, **kwargs)
         self.temperature = float(temperature)
