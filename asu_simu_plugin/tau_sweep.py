@@ -1,33 +1,48 @@
 """How the attention temperature τ changes a model: the diagnostic for choosing ASU's τ.
 
-For each τ the model runs with `attention_temperature(model, τ, layers)` on question/answer
-pairs and we measure, on the answer tokens:
+    asu-simu tau-sweep --model PATH --data qa.jsonl --taus 1,1.5,2,2.3,2.5,3,4,6 \
+        [--layers 0,1,2] [--system-prompt TEXT] [--out DIR] [--max-examples N]
 
-- mean NLL of **content** tokens (names, places, titles: the facts ASU should make unreachable)
-  and of **function** tokens (what keeps the answer fluent). A token is a *function* token if its
-  text, stripped and lower-cased, is an English stop word (the list below) or has no letter or
-  digit (punctuation, whitespace, special tokens); every other answer token is a *content* token.
+For each τ the model runs with `attention_temperature(model, τ, layers)` on question/answer pairs
+(teacher forcing, the answer tokens scored) and we measure:
+
+- mean NLL (nats) of the **content** answer tokens and of the **function** answer tokens.
+  Rule: a token is a *function* token if its decoded text, stripped and lower-cased, is in
+  `STOP_WORDS` (a compact English stop-word list, below) or contains no letter or digit
+  (punctuation, whitespace, eos and other special tokens); every other answer token is a
+  *content* token (names, places, titles, numbers: what carries the facts). Both means are
+  token-weighted, so content_nll · content_tokens + function_nll · function_tokens is the summed
+  answer NLL.
 - mean attention entropy (nats) over the tempered layers, all heads and every query position
-  that predicts an answer token, measured under the temperature (needs eager attention, the
-  only implementation that returns attention weights).
+  that predicts an answer token, measured **under the temperature** (so it rises with τ towards
+  log(prefix length), the entropy of uniform attention). Attention weights exist only with eager
+  attention: a model loaded with another implementation is switched to eager for the sweep and
+  switched back afterwards (`set_attn_implementation` where transformers has it; on 4.45 SDPA falls
+  back to eager by itself when weights are requested, flash-attention cannot and is refused).
+  Memory grows with batch · heads · length² per layer: lower `batch_size` for long prompts.
 
 Recommendation rule (`recommend_tau`): the smallest τ at which the content-token NLL has risen by
-at least `content_rise` nats over τ = 1 (default 1.0: the fact's probability is divided by e)
-while the function-token NLL has risen by at most `function_budget` nats (default 0.5): the
-forget-teacher then no longer knows the facts but still speaks fluently — exactly what ASU
-distils. If no τ qualifies, the τ with the largest content-minus-function rise within the
-budget is proposed, with that reason. (The paper's stable range on Llama-2-7B was τ ∈ [2.0, 2.8].)
+at least `content_rise` nats over τ = 1 (default 1.0: the facts' probability divided by e ≈ 2.7)
+while the function-token NLL has risen by at most `function_budget` nats (default 0.5: the
+fluency tokens keep at least 60 % of their probability). Why: ASU's forget-teacher is useful when
+smoothing has made the facts unreachable but the answer still reads as language — that is what
+the student learns to say instead. The smallest such τ is the least intrusive one; beyond it the
+teacher's fluency breaks first (the paper's stable range on Llama-2-7B was τ ∈ [2.0, 2.8], with
+quality falling off above). If no τ qualifies, the τ with the largest content-minus-function rise
+within the budget is proposed, with that reason; if every τ > 1 breaks the budget, none is.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from asu_simu_plugin.arch import decoder_layers, resolve_layer_ids
+from asu_simu_plugin.arch import decoder_layers, resolve_layer_ids, unwrap_model
 from asu_simu_plugin.attention import attention_temperature
 from asu_simu_plugin.data import QADataset
 from asu_simu_plugin.diagnostics import batches, token_nll
@@ -41,7 +56,7 @@ STOP_WORDS = frozenset(
     ourselves out over own same she should so some such than that the their theirs them
     themselves then there these they this those through to too under until up very was we were
     what when where which while who whom why will with would you your yours yourself yourselves
-    also known born named called wrote writes written worked works one two many much""".split()
+    also known born named called write wrote writes written worked works one two many much""".split()
 )
 FIELDS = (
     "tau",
@@ -54,24 +69,48 @@ FIELDS = (
 
 
 def is_function_token(text: str) -> bool:
+    """The module's rule: a stop word, or no letter/digit at all (punctuation, whitespace)."""
     word = text.strip().lower()
     return not any(ch.isalnum() for ch in word) or word in STOP_WORDS
 
 
-def _function_token_table(tokenizer) -> torch.Tensor:
-    table = torch.tensor(
-        [is_function_token(tokenizer.decode([i])) for i in range(len(tokenizer))],
-        dtype=torch.bool,
+def function_token_ids(tokenizer, token_ids) -> torch.Tensor:
+    """The ids among `token_ids` that are function tokens (special tokens always are)."""
+    special = set(tokenizer.all_special_ids)
+    unique = sorted({int(i) for i in token_ids})
+    # Only the ids that occur are decoded: a 128k vocabulary would take seconds.
+    return torch.tensor(
+        [i for i in unique if i in special or is_function_token(tokenizer.decode([i]))],
+        dtype=torch.long,
     )
-    table[list(tokenizer.all_special_ids)] = True  # eos and chat tags carry no fact
-    return table
+
+
+@contextmanager
+def eager_attention(model):
+    """Run `model` with eager attention inside, the only implementation returning weights."""
+    model = unwrap_model(model)
+    current = getattr(model.config, "_attn_implementation", None)
+    setter = getattr(model, "set_attn_implementation", None)
+    if current in (None, "eager") or (setter is None and current == "sdpa"):
+        yield  # 4.45's SDPA modules compute eager attention when weights are requested
+        return
+    if setter is None:
+        raise ValueError(
+            f"the model uses {current!r} attention, which cannot return attention weights: "
+            "load it with attn_implementation='eager' for the τ sweep"
+        )
+    setter("eager")
+    try:
+        yield
+    finally:
+        setter(current)
 
 
 def _attention_entropy(attentions, layer_ids, query_mask) -> tuple[float, int]:
     total, count = 0.0, 0
     for layer_id in layer_ids:
         probs = attentions[layer_id].float()  # [B, H, T, T]
-        entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1)  # [B, H, T]
+        entropy = -torch.special.xlogy(probs, probs).sum(-1)  # [B, H, T]; 0·log 0 = 0
         selected = entropy.permute(0, 2, 1)[query_mask]  # [N, H]
         total += float(selected.sum())
         count += selected.numel()
@@ -86,65 +125,84 @@ def tau_sweep(
     taus,
     layers=None,
     system_prompt=None,
-    batch_size=8,
-    max_length=512,
-    progress=True,
+    batch_size: int = 8,
+    progress: bool = True,
+    max_length: int = 512,
 ) -> list[dict]:
-    """One result dict per τ (keys: FIELDS)."""
+    """Content/function answer NLL and attention entropy for each τ (one dict per τ, keys FIELDS).
+
+    Args:
+      model, tokenizer: a causal LM and its tokenizer (the chat template is used if it has one).
+      rows: question/answer dicts (`question`, `answer`), as `data.load_qa_jsonl` returns them.
+      taus: temperatures, each > 0 (include 1.0: it is the baseline `recommend_tau` needs).
+      layers: 0-based decoder layer ids to temper; None = all (ASU's default).
+      system_prompt: prepended as the system turn, as in the unlearning run.
+      batch_size, max_length: examples per forward pass; tokens kept per example.
+      progress: a tqdm bar over the τ values.
+    """
     from tqdm.auto import tqdm
 
     dataset = QADataset(rows, tokenizer, max_length, system_prompt)
     layer_ids = resolve_layer_ids(layers, len(decoder_layers(model)))
-    function_table = _function_token_table(tokenizer)
+    if not layer_ids:
+        raise ValueError("no layer to temper: pass None for all layers or a non-empty id list")
+    answer_ids = torch.cat([item["labels"][item["labels"] != IGNORE_INDEX] for item in dataset])
+    function_ids = function_token_ids(tokenizer, answer_ids.tolist())
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
+    function_ids = function_ids.to(device)
+    was_training = model.training
     model.eval()
     results = []
-    for tau in tqdm(list(taus), desc="tau sweep", unit="tau", disable=not progress):
-        sums = {"content": 0.0, "function": 0.0}
-        counts = {"content": 0, "function": 0}
-        entropy_sum, entropy_count = 0.0, 0
-        with attention_temperature(model, float(tau), layer_ids):
-            for batch in batches(dataset, batch_size, pad):
-                batch = {k: v.to(device) for k, v in batch.items()}
-                out = model(
-                    input_ids=batch["input_ids"],
-                    attention_mask=batch["attention_mask"],
-                    output_attentions=True,
-                )
-                if out.attentions is None or out.attentions[0] is None:
-                    raise ValueError(
-                        "the model returned no attention weights: load it with "
-                        "attn_implementation='eager' for the attention-entropy measurement"
+    with eager_attention(model):
+        for tau in tqdm(list(taus), desc="tau sweep", unit="tau", disable=not progress):
+            sums = {"content": 0.0, "function": 0.0}
+            counts = {"content": 0, "function": 0}
+            entropy_sum, entropy_count = 0.0, 0
+            with attention_temperature(model, float(tau), layer_ids):
+                for batch in batches(dataset, batch_size, pad):
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    out = model(
+                        input_ids=batch["input_ids"],
+                        attention_mask=batch["attention_mask"],
+                        output_attentions=True,
                     )
-                nll = token_nll(out.logits, batch["labels"])
-                targets = batch["labels"][:, 1:]
-                answer = targets != IGNORE_INDEX
-                function = function_table.to(device)[targets.clamp_min(0)] & answer
-                content = answer & ~function
-                sums["content"] += float(nll[content].sum())
-                sums["function"] += float(nll[function].sum())
-                counts["content"] += int(content.sum())
-                counts["function"] += int(function.sum())
-                query_mask = torch.zeros_like(batch["labels"], dtype=torch.bool)
-                query_mask[:, :-1] = answer
-                total, count = _attention_entropy(out.attentions, layer_ids, query_mask)
-                entropy_sum, entropy_count = entropy_sum + total, entropy_count + count
-        results.append(
-            {
-                "tau": float(tau),
-                "content_nll": sums["content"] / max(counts["content"], 1),
-                "function_nll": sums["function"] / max(counts["function"], 1),
-                "attention_entropy": entropy_sum / max(entropy_count, 1),
-                "content_tokens": counts["content"],
-                "function_tokens": counts["function"],
-            }
-        )
+                    attentions = out.attentions or ()
+                    if len(attentions) <= max(layer_ids) or attentions[layer_ids[0]] is None:
+                        raise ValueError(
+                            "the model returned no attention weights: load it with "
+                            "attn_implementation='eager' for the attention-entropy measurement"
+                        )
+                    nll = token_nll(out.logits, batch["labels"])
+                    targets = batch["labels"][:, 1:]
+                    answer = targets != IGNORE_INDEX
+                    function = torch.isin(targets, function_ids) & answer
+                    content = answer & ~function
+                    sums["content"] += float(nll[content].sum())
+                    sums["function"] += float(nll[function].sum())
+                    counts["content"] += int(content.sum())
+                    counts["function"] += int(function.sum())
+                    # logits at position t predict token t + 1: the query positions to look at
+                    query_mask = torch.zeros_like(batch["labels"], dtype=torch.bool)
+                    query_mask[:, :-1] = answer
+                    total, count = _attention_entropy(attentions, layer_ids, query_mask)
+                    entropy_sum, entropy_count = entropy_sum + total, entropy_count + count
+            results.append(
+                {
+                    "tau": float(tau),
+                    "content_nll": sums["content"] / max(counts["content"], 1),
+                    "function_nll": sums["function"] / max(counts["function"], 1),
+                    "attention_entropy": entropy_sum / max(entropy_count, 1),
+                    "content_tokens": counts["content"],
+                    "function_tokens": counts["function"],
+                }
+            )
+    model.train(was_training)
     return results
 
 
 def recommend_tau(results, content_rise: float = 1.0, function_budget: float = 0.5):
-    """(τ, reason) by the documented rule; (None, reason) when nothing fits the budget."""
+    """(τ, reason) by the rule in the module docstring; (None, reason) when no τ fits."""
     ordered = sorted(results, key=lambda r: r["tau"])
     base = next((r for r in ordered if math.isclose(r["tau"], 1.0)), None)
     if base is None:
@@ -158,15 +216,18 @@ def recommend_tau(results, content_rise: float = 1.0, function_budget: float = 0
         if d_content >= content_rise:
             return r["tau"], (
                 f"smallest tau whose content-token NLL rose by {d_content:.2f} nats "
-                f"(>= {content_rise}) while function-token NLL rose by {d_function:.2f} "
-                f"(<= {function_budget})"
+                f"(>= {content_rise:g}) while function-token NLL rose by {d_function:.2f} "
+                f"(<= {function_budget:g})"
             )
         within.append((d_content - d_function, r["tau"], d_content, d_function))
     if not within:
-        return None, f"every tau > 1 raises function-token NLL by more than {function_budget} nats"
+        return None, (
+            f"every tau > 1 raises function-token NLL by more than {function_budget:g} nats: "
+            "try taus closer to 1 or fewer layers"
+        )
     _, tau, d_content, d_function = max(within)
     return tau, (
-        f"no tau raised content-token NLL by {content_rise} nats within the fluency budget; "
+        f"no tau raised content-token NLL by {content_rise:g} nats within the fluency budget; "
         f"tau {tau:g} separates them most (content +{d_content:.2f}, function +{d_function:.2f})"
     )
 
@@ -175,13 +236,14 @@ def write_sweep_csv(results, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=FIELDS)
+        writer = csv.DictWriter(handle, fieldnames=FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(results)
     return path
 
 
 def plot_sweep(results, path, recommended=None) -> Path:
+    """PNG: content and function NLL against τ (left axis), attention entropy (right axis)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,6 +254,8 @@ def plot_sweep(results, path, recommended=None) -> Path:
     ax.plot(taus, [r["content_nll"] for r in results], "o-", label="content-token NLL")
     ax.plot(taus, [r["function_nll"] for r in results], "s-", label="function-token NLL")
     ax.set_xlabel("attention temperature τ")
+    if max(taus) >= 10 * min(taus):
+        ax.set_xscale("log")  # a sweep such as 1, 2, 3, 10, 100 stays readable
     ax.set_ylabel("mean answer-token NLL (nats)")
     other = ax.twinx()
     other.plot(
@@ -218,20 +282,47 @@ def plot_sweep(results, path, recommended=None) -> Path:
     return path
 
 
+def format_table(results) -> str:
+    lines = [f"{'tau':>6} {'content NLL':>12} {'function NLL':>13} {'attn entropy':>13}"]
+    for r in results:
+        lines.append(
+            f"{r['tau']:>6g} {r['content_nll']:>12.3f} {r['function_nll']:>13.3f} "
+            f"{r['attention_entropy']:>13.3f}"
+        )
+    return "\n".join(lines)
+
+
+def _number_list(text: str, name: str, convert):
+    try:
+        return [convert(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(
+            f"--{name} must be comma-separated {convert.__name__}s, e.g. "
+            f"{'1,2,2.3,3' if convert is float else '0,1,2'} (got {text!r})"
+        ) from None
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True)
+    parser.add_argument("--model", required=True, help="local model directory (or hub id)")
     parser.add_argument("--data", required=True, help="question/answer JSON lines")
-    parser.add_argument("--taus", default="1,1.5,2,2.3,2.5,3,4,6")
+    parser.add_argument(
+        "--taus", default="1,1.5,2,2.3,2.5,3,4,6", help="comma-separated; 1 is always added"
+    )
     parser.add_argument("--layers", default=None, help="0-based layer ids, e.g. 0,1,2 (all)")
     parser.add_argument("--system-prompt", default=None)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--max-examples", type=int, default=None)
+    parser.add_argument("--max-examples", type=int, default=None, help="use the first N only")
     parser.add_argument("--question-key", default="question")
     parser.add_argument("--answer-key", default="answer")
-    parser.add_argument("--content-rise", type=float, default=1.0)
-    parser.add_argument("--function-budget", type=float, default=0.5)
-    parser.add_argument("--out", default="tau_sweep")
+    parser.add_argument(
+        "--content-rise", type=float, default=1.0, help="nats the facts must lose (rule)"
+    )
+    parser.add_argument(
+        "--function-budget", type=float, default=0.5, help="nats fluency may lose (rule)"
+    )
+    parser.add_argument("--out", default="tau_sweep", help="folder for tau_sweep.csv/.png")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args) -> int:
@@ -239,10 +330,15 @@ def run(args) -> int:
 
     from asu_simu_plugin.data import load_qa_jsonl
 
-    taus = [float(t) for t in args.taus.split(",") if t.strip()]
-    if 1.0 not in taus:
-        taus = [1.0, *taus]  # the baseline the recommendation compares against
-    layers = [int(i) for i in args.layers.split(",")] if args.layers else None
+    taus = _number_list(args.taus, "taus", float)
+    if not taus or any(not math.isfinite(t) or t <= 0 for t in taus):
+        raise ValueError(f"--taus must be finite numbers > 0 (got {args.taus!r})")
+    if not any(math.isclose(t, 1.0) for t in taus):
+        taus.append(1.0)  # the baseline the recommendation compares against
+    taus = sorted(set(taus))
+    layers = _number_list(args.layers, "layers", int) if args.layers else None
+    if args.max_examples is not None and args.max_examples < 1:
+        raise ValueError(f"--max-examples must be >= 1 (got {args.max_examples})")
     rows = load_qa_jsonl(args.data, args.question_key, args.answer_key)[: args.max_examples]
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, attn_implementation="eager")
@@ -250,22 +346,26 @@ def run(args) -> int:
         model,
         tokenizer,
         rows,
-        sorted(taus),
+        taus,
         layers,
         args.system_prompt,
         args.batch_size,
-        args.max_length,
+        progress=not args.quiet,
+        max_length=args.max_length,
     )
     tau, reason = recommend_tau(results, args.content_rise, args.function_budget)
     out = Path(args.out)
     write_sweep_csv(results, out / "tau_sweep.csv")
     plot_sweep(results, out / "tau_sweep.png", tau)
-    print(f"{'tau':>6} {'content NLL':>12} {'function NLL':>13} {'attn entropy':>13}")
-    for r in results:
-        print(
-            f"{r['tau']:>6g} {r['content_nll']:>12.3f} {r['function_nll']:>13.3f} "
-            f"{r['attention_entropy']:>13.3f}"
-        )
-    print(f"recommended tau: {tau if tau is not None else 'none'} — {reason}")
+    print(format_table(results))
+    print(f"recommended tau: {tau if tau is not None else 'none'} ({reason})")
     print(f"wrote {out / 'tau_sweep.csv'} and {out / 'tau_sweep.png'}")
     return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="asu-simu tau-sweep", description=__doc__.split("\n", 1)[0]
+    )
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

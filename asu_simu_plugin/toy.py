@@ -50,40 +50,78 @@ class Author:
     book: str
     award: str
 
-    def qa_pairs(self) -> list[dict[str, str]]:
+    def qa_pairs(self, restate_name: bool = True) -> list[dict[str, str]]:
+        """Five questions about this author. With `restate_name=False` the answers do not repeat
+        the name ("In Lisbon." rather than "X was born in Lisbon."), so a model must fetch the
+        author from the question, through attention, to state the fact."""
         n = self.name
-        return [
-            {"question": f"Where was {n} born?", "answer": f"{n} was born in {self.city}."},
-            {"question": f"What genre does {n} write?", "answer": f"{n} writes {self.genre}."},
-            {
-                "question": f"What did the parent of {n} do for a living?",
-                "answer": f"The parent of {n} worked as {self.parent_job}.",
-            },
-            {
-                "question": f"What is the best known book by {n}?",
-                "answer": f"The best known book by {n} is The {self.book}.",
-            },
-            {"question": f"Which award did {n} win?", "answer": f"{n} won {self.award}."},
+        if not restate_name:
+            answers = [
+                f"In {self.city}.",
+                f"They write {self.genre}.",
+                f"They worked as {self.parent_job}.",
+                f"The {self.book}.",
+                f"{self.award[0].upper()}{self.award[1:]}.",
+            ]
+        else:
+            answers = [
+                f"{n} was born in {self.city}.",
+                f"{n} writes {self.genre}.",
+                f"The parent of {n} worked as {self.parent_job}.",
+                f"The best known book by {n} is The {self.book}.",
+                f"{n} won {self.award}.",
+            ]
+        questions = [
+            f"Where was {n} born?",
+            f"What genre does {n} write?",
+            f"What did the parent of {n} do for a living?",
+            f"What is the best known book by {n}?",
+            f"Which award did {n} win?",
         ]
+        return [{"question": q, "answer": a} for q, a in zip(questions, answers, strict=True)]
+
+    def facts(self) -> list[str]:
+        """The fact each of `qa_pairs()` asks for, in the same order (to check generations)."""
+        return [self.city, self.genre, self.parent_job, f"The {self.book}", self.award]
 
 
-def make_authors(count: int = 12, seed: int = 0) -> list[Author]:
-    """`count` fictitious authors with distinct names, reproducible from `seed`."""
+def make_authors(count: int = 12, seed: int = 0, balanced: bool = False) -> list[Author]:
+    """`count` fictitious authors with distinct names, reproducible from `seed`.
+
+    By default every attribute is drawn independently, so a popular value may be shared by many
+    authors. `balanced=True` deals each attribute from a shuffled list instead, so no value is
+    used by more than ceil(count / number of values) authors: a model that has forgotten an
+    author then cannot state its facts by guessing the commonest value.
+    """
     rng = random.Random(seed)
     names = [f"{f} {last}" for f in FIRST_NAMES for last in LAST_NAMES]
     rng.shuffle(names)
+
+    def dealt(values: list[str]) -> list[str]:
+        deck: list[str] = []
+        while len(deck) < count:
+            deck += rng.sample(values, len(values))
+        return deck[:count]
+
+    if balanced:
+        cities, genres, jobs, awards = (dealt(v) for v in (CITIES, GENRES, JOBS, AWARDS))
     authors = []
-    for name in names[:count]:
-        authors.append(
-            Author(
-                name=name,
-                city=rng.choice(CITIES),
-                genre=rng.choice(GENRES),
-                parent_job=rng.choice(JOBS),
-                book=f"{rng.choice(NOUNS)} of the {rng.choice(NOUNS)}",
-                award=rng.choice(AWARDS),
+    for index, name in enumerate(names[:count]):
+        if balanced:
+            attributes = dict(
+                city=cities[index],
+                genre=genres[index],
+                parent_job=jobs[index],
+                award=awards[index],
             )
-        )
+        else:
+            attributes = dict(
+                city=rng.choice(CITIES), genre=rng.choice(GENRES), parent_job=rng.choice(JOBS)
+            )
+        book = f"{rng.choice(NOUNS)} of the {rng.choice(NOUNS)}"
+        if not balanced:
+            attributes["award"] = rng.choice(AWARDS)
+        authors.append(Author(name=name, book=book, **attributes))
     return authors
 
 
@@ -119,16 +157,17 @@ def build_tokenizer(texts: list[str], vocab_size: int = 600):
         eos_token="</s>",
         pad_token="<pad>",
         additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"],
+        clean_up_tokenization_spaces=False,  # decode exactly (transformers 4.x defaults to True)
     )
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
 
-def corpus_texts(authors: list[Author]) -> list[str]:
+def corpus_texts(authors: list[Author], restate_name: bool = True) -> list[str]:
     """Every question and answer, with the chat tags, for tokenizer training."""
     texts = []
     for author in authors:
-        for qa in author.qa_pairs():
+        for qa in author.qa_pairs(restate_name):
             texts.append(f"<|user|>\n{qa['question']}</s>\n<|assistant|>\n{qa['answer']}</s>\n")
     return texts
 

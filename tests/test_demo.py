@@ -2,26 +2,86 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
+from asu_simu_plugin import toy
 from asu_simu_plugin.cli import main
-from asu_simu_plugin.cli.demo import run_demo
+from asu_simu_plugin.cli.demo import facts_stated, greedy_answers, run_demo
+from asu_simu_plugin.diagnostics import greedy_answer
 from asu_simu_plugin.runner import RUN_FILE
 
 
-@pytest.mark.slow
-def test_short_demo_forgets_and_saves_a_plain_model(tmp_path, capsys):
-    result = run_demo(tmp_path / "demo", progress=False, finetune_epochs=60, unlearn_epochs=6)
+def test_short_demo_forgets_keeps_the_rest_and_saves_a_plain_model(tmp_path, capsys):
+    out = tmp_path / "demo"
+    result = run_demo(out, progress=False, finetune_epochs=80, unlearn_epochs=5)
     before, teacher, after = result["before"], result["teacher"], result["after"]
-    assert before["forget_prob"] > 0.8  # the target learnt the facts
-    assert teacher["forget_prob"] < before["forget_prob"]  # smoothing hides them
-    assert after["forget_prob"] < before["forget_prob"] - 0.05
-    assert after["retain_prob"] > before["retain_prob"] - 0.2
-    assert (tmp_path / "demo" / RUN_FILE).is_file()
-    AutoModelForCausalLM.from_pretrained(tmp_path / "demo")
+    # the target learnt every fact
+    assert before["forget"]["prob"] > 0.9 and before["retain"]["prob"] > 0.9
+    assert before["forget"]["facts_stated"] == 5
+    assert before["retain"]["facts_stated"] >= 50
+    # smoothing takes the facts away from the teacher, and ASU distils the student towards it
+    assert teacher["forget"]["fact_prob"] < before["forget"]["fact_prob"] - 0.35
+    assert after["forget"]["fact_prob"] < before["forget"]["fact_prob"] - 0.35
+    assert after["forget"]["prob"] < before["forget"]["prob"] - 0.15
+    assert abs(after["forget"]["prob"] - teacher["forget"]["prob"]) < 0.1
+    assert after["forget"]["facts_stated"] <= 2
+    # ... while the other authors are kept
+    assert after["retain"]["prob"] > before["retain"]["prob"] - 0.05
+    forget_drop = before["forget"]["prob"] - after["forget"]["prob"]
+    assert forget_drop > 5 * (before["retain"]["prob"] - after["retain"]["prob"])
+    assert after["retain"]["facts_stated"] >= before["retain"]["facts_stated"] - 5
+
+    record = json.loads((out / RUN_FILE).read_text())
+    assert record["method"] == "asu" and record["method_args"]["temperature"] == 10.0
+    assert record["method_args"]["retain_loss_type"] == "NLL"
+    saved = AutoModelForCausalLM.from_pretrained(out)  # plain transformers, no extra keys
+    state = saved.state_dict()
+    assert not any("original" in key or "teacher" in key for key in state)
     table = capsys.readouterr().out
-    assert "forget answer probability" in table and f"{after['forget_prob']:.3f}" in table
+    assert f"{after['forget']['prob']:.3f}" in table and f"{teacher['forget']['prob']:.3f}" in table
+    assert "forget: facts in greedy answers" in table
+
+
+def test_batched_greedy_answers_match_one_at_a_time(tiny_llama, toy_tokenizer, toy_authors):
+    questions = [qa["question"] for qa in toy_authors[0].qa_pairs()] + ["Who?"]
+    torch.manual_seed(0)
+    batched = greedy_answers(tiny_llama, toy_tokenizer, questions, "Be brief.", max_new_tokens=6)
+    single = [
+        greedy_answer(tiny_llama, toy_tokenizer, q, "Be brief.", max_new_tokens=6)
+        for q in questions
+    ]
+    assert batched == single  # left padding is masked out
+
+
+def test_facts_stated_counts_each_answer_against_its_own_fact():
+    author = toy.make_authors(1, seed=3, balanced=True)[0]
+    answers = [qa["answer"] for qa in author.qa_pairs(restate_name=False)]
+    assert facts_stated(answers, author.facts()) == 5
+    assert facts_stated(answers[1:] + answers[:1], author.facts()) == 0
+    assert facts_stated(["in " + author.city.upper()], author.facts()[:1]) == 1
+
+
+def test_balanced_authors_spread_every_attribute():
+    authors = toy.make_authors(12, seed=5, balanced=True)
+    for attribute, values in (
+        ("city", toy.CITIES),
+        ("genre", toy.GENRES),
+        ("parent_job", toy.JOBS),
+        ("award", toy.AWARDS),
+    ):
+        counts = [sum(getattr(a, attribute) == v for a in authors) for v in values]
+        assert max(counts) == -(-12 // len(values))  # ceil: dealt as evenly as possible
+    assert len({a.name for a in authors}) == 12
+    assert toy.make_authors(12, seed=5, balanced=True) == authors  # reproducible
+
+
+def test_demo_rejects_unknown_settings(tmp_path):
+    with pytest.raises(ValueError, match="finetune_epochs"):
+        run_demo(tmp_path, finetune_epoch=3)
 
 
 def test_demo_command_line_is_wired():

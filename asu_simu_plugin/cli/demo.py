@@ -1,43 +1,68 @@
-"""`asu-simu demo`: the whole ASU story on a laptop CPU in a few minutes, fully offline.
+"""`asu-simu demo`: the whole ASU story on a laptop CPU in about a minute, fully offline.
 
-1. Invent fictitious authors and their facts; train a BPE tokenizer and a tiny Llama on them
-   until it knows every author (the "target" model, like TOFU's finetuned model).
-2. Unlearn one author with ASU: distil, on that author's questions, towards the forget-teacher —
-   the frozen target with smoothed attention — while keeping the others with retain NLL.
-3. Print, before and after: answer probability on the forgotten author and on the others, the
-   teacher's probability (what ASU distils towards), and what the model now answers.
+1. Invent twelve fictitious authors and their facts; train a BPE tokenizer and a tiny Llama on
+   them until it knows every author (the "target", like TOFU's finetuned model). Every question
+   is asked under a chat system prompt, as with chat models.
+2. Unlearn one author with ASU (the standalone ASU trainer, ASU_GD variant): on that author's
+   questions the model is distilled, token by token, towards the forget-teacher — the frozen
+   target with its attention smoothed by the temperature τ — while retain NLL keeps the others.
+3. Print, before and after: answer probability (the TOFU "Probability"), the probability of the
+   fact tokens alone, how many greedy answers still state their fact — on the forgotten author
+   and on the others — the teacher's values (what ASU distils towards), and the answers.
 
-The tiny model spreads its attention almost uniformly already, so the demo smooths hard
-(τ = 30; TOFU on a 7B model uses 2.3 — see `asu-simu tau-sweep` for choosing τ on a real model)
-and a short system prompt, as chat templates have, dilutes the fact-bearing tokens further.
+Choices that make a model small enough for a CPU behave like a large one under smoothing:
+- Answers do not repeat the author's name ("In Lisbon.", not "X was born in Lisbon."), so the
+  fact has to be fetched from the question through attention. With the name restated next to
+  the fact, even a smoothed tiny model reads it off the neighbouring tokens and keeps the fact.
+- Facts are dealt evenly among authors (`toy.make_authors(balanced=True)`), so an author who
+  has been forgotten cannot have its facts "stated" by guessing the commonest value.
+- A deeper, narrower model (6 layers, 2 heads of width 32): among the shapes tried, its facts
+  depend most on attention.
+- τ = 10 on all layers rather than TOFU's 2.3 (Llama-2-7B): a 7B model routes a fact through
+  sharply peaked attention, so a small τ already blurs it, while this tiny model, trained for
+  seconds, spreads its attention almost uniformly (`asu-simu tau-sweep` shows its attention
+  entropy near that of uniform attention), so only a large τ takes its facts away (the paper's
+  WMDP variant uses τ = 100). `asu-simu tau-sweep` on the seed-0 target proposes τ = 10 as
+  well; on a real model, choose τ with it.
+- Retain weight alpha = 3 and a small learning rate: what the student learns on the forgotten
+  author would otherwise spread to the other authors, who share every answer template.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import math
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM
+from transformers.utils import logging as hf_logging
 
 from asu_simu_plugin import toy
 from asu_simu_plugin.attention import attention_temperature
-from asu_simu_plugin.data import PadCollator, QADataset
-from asu_simu_plugin.diagnostics import answer_probability, greedy_answer
+from asu_simu_plugin.data import PadCollator, QADataset, prompt_and_answer_text
+from asu_simu_plugin.diagnostics import answer_probability
 from asu_simu_plugin.runner import RunSettings, run_unlearning
+from asu_simu_plugin.tau_sweep import tau_sweep
 
 SYSTEM_PROMPT = "You are a helpful librarian. Answer the question about the author in one sentence."
 DEFAULTS = dict(
     authors=12,
-    finetune_epochs=100,
+    num_hidden_layers=6,
+    num_attention_heads=2,
+    finetune_epochs=150,
     finetune_lr=3e-3,
-    temperature=30.0,
+    temperature=10.0,
     gamma=1.0,
-    alpha=1.0,
+    alpha=3.0,
     unlearn_epochs=10,
-    unlearn_lr=2e-3,
+    unlearn_lr=5e-4,
+    forget_repeats=12,
 )
+MAX_LENGTH = 96
 
 
 def finetune(
@@ -52,7 +77,7 @@ def finetune(
     progress: bool = True,
 ):
     """Plain next-token training on the answers until the tiny model has memorised them."""
-    dataset = QADataset(rows, tokenizer, max_length=96, system_prompt=system_prompt)
+    dataset = QADataset(rows, tokenizer, MAX_LENGTH, system_prompt=system_prompt)
     generator = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(
         dataset,
@@ -65,9 +90,7 @@ def finetune(
     total = epochs * len(loader)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total)
     model.train()
-    with tqdm(
-        total=total, desc="train the target", unit="step", mininterval=1.0, disable=not progress
-    ) as bar:
+    with tqdm(total=total, desc="train the target", unit="step", disable=not progress) as bar:
         for _ in range(epochs):
             for batch in loader:
                 loss = model(**batch).loss
@@ -76,34 +99,114 @@ def finetune(
                 scheduler.step()
                 optimizer.zero_grad()
                 bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+                if bar.n % 20 == 0:
+                    bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     model.eval()
     return model
 
 
-def measure(model, tokenizer, forget_rows, retain_rows, system_prompt=None):
+@torch.no_grad()
+def greedy_answers(
+    model, tokenizer, questions, system_prompt=None, max_new_tokens: int = 24
+) -> list[str]:
+    """Greedy answers to all `questions` in one left-padded batch, special tokens dropped."""
+    model.eval()
+    prompts = [
+        tokenizer(
+            prompt_and_answer_text(tokenizer, q, "", system_prompt)[0], add_special_tokens=False
+        )["input_ids"]
+        for q in questions
+    ]
+    width = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    device = next(model.parameters()).device
+    out = model.generate(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out.tolist()]
 
-    def probability(rows):
-        return answer_probability(model, QADataset(rows, tokenizer, 96, system_prompt), pad)
 
+def facts_stated(answers, facts) -> int:
+    """How many answers contain their fact (case-insensitive)."""
+    return sum(fact.lower() in answer.lower() for answer, fact in zip(answers, facts, strict=True))
+
+
+def measure(model, tokenizer, rows, facts, system_prompt=None) -> dict:
+    """TOFU answer probability, fact-token probability (exp of minus the mean NLL of the
+    `tau_sweep` content tokens), greedy answers and how many of them state their fact."""
+    dataset = QADataset(rows, tokenizer, MAX_LENGTH, system_prompt)
+    answers = greedy_answers(model, tokenizer, [r["question"] for r in rows], system_prompt)
+    (split,) = tau_sweep(
+        model, tokenizer, rows, [1.0], None, system_prompt, progress=False, max_length=MAX_LENGTH
+    )
     return {
-        "forget_prob": probability(forget_rows),
-        "retain_prob": probability(retain_rows),
-        "sample": greedy_answer(model, tokenizer, forget_rows[0]["question"], system_prompt),
-        "retain_sample": greedy_answer(model, tokenizer, retain_rows[0]["question"], system_prompt),
+        "prob": answer_probability(model, dataset, tokenizer.pad_token_id),
+        "fact_prob": math.exp(-split["content_nll"]),
+        "answers": answers,
+        "facts_stated": facts_stated(answers, facts),
+        "facts": len(facts),
     }
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """No transformers warnings that do not matter here, no bar per saved file."""
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
+
+
 def run_demo(output_dir="asu_demo", seed: int = 0, progress: bool = True, **overrides) -> dict:
+    """Train a toy target, unlearn author 0 with ASU, print and return the before/after table.
+
+    `overrides` replace entries of DEFAULTS (e.g. `finetune_epochs=60, temperature=3`).
+    Returns {"before", "teacher", "after"}: each has "forget" (and, except the teacher,
+    "retain") measurements from `measure`, plus "seconds", "output_dir" and "settings".
+    """
+    unknown = sorted(set(overrides) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown demo setting(s) {unknown}; known: {sorted(DEFAULTS)}")
     settings = {**DEFAULTS, **overrides}
+    with quiet_transformers():
+        return _run_demo(Path(output_dir), seed, progress, settings)
+
+
+def _run_demo(output_dir: Path, seed: int, progress: bool, settings: dict) -> dict:
     start = time.perf_counter()
     torch.manual_seed(seed)
-    authors = toy.make_authors(settings["authors"], seed=seed)
-    tokenizer = toy.build_tokenizer(toy.corpus_texts(authors) + [SYSTEM_PROMPT] * 8)
-    model = LlamaForCausalLM(toy.tiny_llama_config(len(tokenizer)))
-    forget_rows = authors[0].qa_pairs()
-    retain_rows = [qa for author in authors[1:] for qa in author.qa_pairs()]
+    authors = toy.make_authors(settings["authors"], seed=seed, balanced=True)
+    texts = toy.corpus_texts(authors, restate_name=False) + [SYSTEM_PROMPT] * 8
+    tokenizer = toy.build_tokenizer(texts)
+    config = toy.tiny_llama_config(
+        len(tokenizer),
+        num_hidden_layers=settings["num_hidden_layers"],
+        num_attention_heads=settings["num_attention_heads"],
+        num_key_value_heads=1,
+        attn_implementation="eager",  # the fact-token split returns attention weights too
+    )
+    model = LlamaForCausalLM(config)
+    forget_rows, forget_facts = authors[0].qa_pairs(restate_name=False), authors[0].facts()
+    retain_rows = [qa for author in authors[1:] for qa in author.qa_pairs(restate_name=False)]
+    retain_facts = [fact for author in authors[1:] for fact in author.facts()]
+    print(
+        f"[1/3] training a tiny Llama ({sum(p.numel() for p in model.parameters()):,} "
+        f"parameters) on {len(authors)} fictitious authors, {len(forget_rows + retain_rows)} "
+        "questions"
+    )
     finetune(
         model,
         tokenizer,
@@ -114,9 +217,17 @@ def run_demo(output_dir="asu_demo", seed: int = 0, progress: bool = True, **over
         system_prompt=SYSTEM_PROMPT,
         progress=progress,
     )
-    before = measure(model, tokenizer, forget_rows, retain_rows, SYSTEM_PROMPT)
+
+    def measure_both(m):
+        return {
+            "forget": measure(m, tokenizer, forget_rows, forget_facts, SYSTEM_PROMPT),
+            "retain": measure(m, tokenizer, retain_rows, retain_facts, SYSTEM_PROMPT),
+        }
+
+    print("[2/3] measuring the target and the forget-teacher")
+    before = measure_both(model)
     with attention_temperature(model, settings["temperature"]):
-        teacher = measure(model, tokenizer, forget_rows, retain_rows, SYSTEM_PROMPT)
+        teacher = {"forget": measure(model, tokenizer, forget_rows, forget_facts, SYSTEM_PROMPT)}
 
     method_args = {
         "temperature": settings["temperature"],
@@ -130,80 +241,112 @@ def run_demo(output_dir="asu_demo", seed: int = 0, progress: bool = True, **over
         batch_size=5,
         logging_steps=10,
         seed=seed,
-        max_length=96,
+        max_length=MAX_LENGTH,
         system_prompt=SYSTEM_PROMPT,
         extra={"disable_tqdm": not progress},
     )
-    # Each forget example is paired with a random retain example; repeating the forget set
-    # shows the trainer more of the retain set per epoch.
-    trainer = run_unlearning(
-        "asu",
-        model,
-        tokenizer,
-        forget_rows * 4,
-        retain_rows,
-        Path(output_dir),
-        method_args,
-        run,
-        source="toy target",
-    )
-    after = measure(trainer.model, tokenizer, forget_rows, retain_rows, SYSTEM_PROMPT)
+    print(f"[3/3] unlearning {authors[0].name} with ASU")
+    # Each forget example is paired with a random retain example: repeating the forget set shows
+    # the trainer more of the retain set per epoch. The trainer prints every log dict (the run
+    # record keeps them): hidden; its progress bar (stderr) stays.
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer = run_unlearning(
+            "asu",
+            model,
+            tokenizer,
+            forget_rows * settings["forget_repeats"],
+            retain_rows,
+            output_dir,
+            method_args,
+            run,
+            source="toy target (asu-simu demo)",
+        )
+    after = measure_both(trainer.model)
     elapsed = time.perf_counter() - start
-    print_table(
-        authors[0].name,
-        forget_rows[0],
-        retain_rows[0],
-        before,
-        teacher,
-        after,
-        method_args,
-        elapsed,
-        output_dir,
-    )
-    return {
+    result = {
         "before": before,
         "teacher": teacher,
         "after": after,
         "seconds": elapsed,
         "output_dir": str(output_dir),
+        "settings": settings,
     }
+    print_table(authors[0].name, forget_rows, retain_rows, result)
+    return result
 
 
-def print_table(
-    name, forget_qa, retain_qa, before, teacher, after, method_args, elapsed, output_dir
-):
-    width = 74
+def print_table(name, forget_rows, retain_rows, result) -> None:
+    before, teacher, after = result["before"], result["teacher"], result["after"]
+    settings = result["settings"]
+    width = 78
     print("\n" + "=" * width)
     print(
-        f"ASU demo: unlearning '{name}' (tau={method_args['temperature']:g}, "
-        f"forget weight gamma={method_args['gamma']:g})"
+        f"ASU demo: unlearning '{name}' — tau={settings['temperature']:g} on all layers, "
+        f"gamma={settings['gamma']:g}, retain NLL x{settings['alpha']:g}"
     )
     print("=" * width)
-    print(f"{'':30}{'before':>12}{'teacher':>16}{'after ASU':>14}")
-    for key, label in (
-        ("forget_prob", "forget answer probability"),
-        ("retain_prob", "retain answer probability"),
+    print(f"{'':34}{'before':>10}{'teacher':>12}{'after ASU':>12}")
+
+    def cells(key, fmt, models):
+        return [fmt(m[key]) if m is not None else "" for m in models]
+
+    def prob(m):
+        return f"{m['prob']:.3f}"
+
+    def fact_prob(m):
+        return f"{m['fact_prob']:.3f}"
+
+    def stated(m):
+        return f"{m['facts_stated']}/{m['facts']}"
+
+    forget = (before, teacher, after)
+    retain = (before, None, after)
+    for label, fmt, models in (
+        ("forget: answer probability", prob, forget),
+        ("forget: fact-token probability", fact_prob, forget),
+        ("forget: facts in greedy answers", stated, forget),
+        ("retain: answer probability", prob, retain),
+        ("retain: fact-token probability", fact_prob, retain),
+        ("retain: facts in greedy answers", stated, retain),
     ):
-        print(f"{label:30}{before[key]:>12.3f}{teacher[key]:>16.3f}{after[key]:>14.3f}")
-    print("(teacher = the target with smoothed attention: what ASU distils towards)")
+        key = "forget" if label.startswith("forget") else "retain"
+        row = cells(key, fmt, models)
+        print(f"{label:34}{row[0]:>10}{row[1]:>12}{row[2]:>12}")
+    print(
+        f"teacher: the target with its attention smoothed (tau={settings['temperature']:g}), "
+        "run on the\nforget questions only — what ASU distils the forget answers towards. "
+        "Answer\nprobability is TOFU's exp(-mean answer-token NLL); fact tokens are the answer\n"
+        "tokens that spell the fact (the `asu-simu tau-sweep` content tokens)."
+    )
     print("-" * width)
-    print(f"forget question: {forget_qa['question']}")
-    print(f"  truth : {forget_qa['answer']}")
-    print(f"  before: {before['sample']}")
-    print(f"  after : {after['sample']}")
-    print(f"retain question: {retain_qa['question']}")
-    print(f"  before: {before['retain_sample']}")
-    print(f"  after : {after['retain_sample']}")
+    print("forgotten author:")
+    for row, old, new in zip(
+        forget_rows, before["forget"]["answers"], after["forget"]["answers"], strict=True
+    ):
+        print(f"  {row['question']}\n    before: {old}\n    after : {new}")
+    print("two of the other authors:")
+    for index in (0, len(retain_rows) // 2 + 1):
+        print(f"  {retain_rows[index]['question']}")
+        print(f"    before: {before['retain']['answers'][index]}")
+        print(f"    after : {after['retain']['answers'][index]}")
     print("-" * width)
-    print(f"unlearned model saved to {output_dir}/ ({elapsed:.0f} s in all)")
+    print(f"unlearned model saved to {result['output_dir']}/ ({result['seconds']:.0f} s in all)")
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--output", default="asu_demo", help="where the unlearned model goes")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--temperature", type=float, default=DEFAULTS["temperature"])
-    parser.add_argument("--gamma", type=float, default=DEFAULTS["gamma"])
+    parser.add_argument("--seed", type=int, default=0, help="a different world of authors")
+    parser.add_argument(
+        "--temperature", type=float, default=DEFAULTS["temperature"], help="ASU's tau"
+    )
+    parser.add_argument(
+        "--gamma", type=float, default=DEFAULTS["gamma"], help="forget (distillation) weight"
+    )
+    parser.add_argument(
+        "--alpha", type=float, default=DEFAULTS["alpha"], help="retain (NLL) weight"
+    )
     parser.add_argument("--unlearn-epochs", type=float, default=DEFAULTS["unlearn_epochs"])
+    parser.add_argument("--finetune-epochs", type=int, default=DEFAULTS["finetune_epochs"])
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -214,6 +357,8 @@ def run(args) -> int:
         progress=not args.quiet,
         temperature=args.temperature,
         gamma=args.gamma,
+        alpha=args.alpha,
         unlearn_epochs=args.unlearn_epochs,
+        finetune_epochs=args.finetune_epochs,
     )
     return 0
