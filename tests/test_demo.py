@@ -17,6 +17,7 @@ from asu_simu_plugin.runner import RUN_FILE
 
 def test_short_demo_forgets_keeps_the_rest_and_saves_a_plain_model(tmp_path, capsys):
     out = tmp_path / "demo"
+    threads = torch.get_num_threads()
     result = run_demo(out, progress=False, finetune_epochs=80, unlearn_epochs=5)
     before, teacher, after = result["before"], result["teacher"], result["after"]
     # the target learnt every fact
@@ -28,7 +29,8 @@ def test_short_demo_forgets_keeps_the_rest_and_saves_a_plain_model(tmp_path, cap
     assert after["forget"]["fact_prob"] < before["forget"]["fact_prob"] - 0.35
     assert after["forget"]["prob"] < before["forget"]["prob"] - 0.15
     assert abs(after["forget"]["prob"] - teacher["forget"]["prob"]) < 0.1
-    assert after["forget"]["facts_stated"] <= 2
+    assert after["forget"]["facts_stated"] <= 3
+    assert torch.get_num_threads() == threads  # the demo's single thread is given back
     # ... while the other authors are kept
     assert after["retain"]["prob"] > before["retain"]["prob"] - 0.05
     forget_drop = before["forget"]["prob"] - after["forget"]["prob"]

@@ -174,6 +174,7 @@ def run_demo(output_dir="asu_demo", seed: int = 0, progress: bool = True, **over
     """Train a toy target, unlearn author 0 with ASU, print and return the before/after table.
 
     `overrides` replace entries of DEFAULTS (e.g. `finetune_epochs=60, temperature=3`).
+    Runs on one CPU thread (restored afterwards); about 30 s on a laptop CPU.
     Returns {"before", "teacher", "after"}: each has "forget" (and, except the teacher,
     "retain") measurements from `measure`, plus "seconds", "output_dir" and "settings".
     """
@@ -181,8 +182,15 @@ def run_demo(output_dir="asu_demo", seed: int = 0, progress: bool = True, **over
     if unknown:
         raise ValueError(f"unknown demo setting(s) {unknown}; known: {sorted(DEFAULTS)}")
     settings = {**DEFAULTS, **overrides}
-    with quiet_transformers():
-        return _run_demo(Path(output_dir), seed, progress, settings)
+    # The matrices are tiny: a second thread gains little on an idle machine and, busy-waiting,
+    # makes the demo several times slower when other processes compete for the cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with quiet_transformers():
+            return _run_demo(Path(output_dir), seed, progress, settings)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _run_demo(output_dir: Path, seed: int, progress: bool, settings: dict) -> dict:
