@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -162,6 +163,13 @@ def test_resume_from_checkpoint_is_identical(world, tmp_path):
     del resumed
 
 
+def free_port() -> int:
+    """A port nobody listens on, so parallel runs of this test do not collide."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 DDP_SCRIPT = textwrap.dedent(
     """
     import hashlib, json, os, sys, torch
@@ -206,7 +214,7 @@ def test_two_process_ddp_gives_identical_masks_and_parameters(tmp_path, method):
             "-m",
             "torch.distributed.run",
             "--nproc_per_node=2",
-            "--master_port=29533",
+            f"--master_port={free_port()}",
             str(script),
             str(tmp_path / "out"),
             method,
