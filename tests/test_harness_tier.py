@@ -114,3 +114,14 @@ def test_second_order_trainers_train(tiny_model, tmp_path, trainer):
         record = json.loads((out / "simu_masks.json").read_text())
         assert record["steps"] == 2 and record["critical_total"] > 0
         assert (out / "simu_masks.safetensors").is_file() and (out / "simu_masks.png").is_file()
+
+
+def test_smollm2_model_config_composes_with_the_harness_finetune_experiment():
+    """configs/model/SmolLM2-135M-Instruct.yaml (ChatML tags) is visible to the harness."""
+    result = run_harness(
+        "train.py",
+        ["experiment=finetune/tofu/default", "model=SmolLM2-135M-Instruct", "--cfg", "job"],
+        timeout=300,
+    )
+    assert "HuggingFaceTB/SmolLM2-135M-Instruct" in result.stdout
+    assert "asst_start_tag: '<|im_start|>assistant" in result.stdout
