@@ -51,6 +51,13 @@ def test_lr_scaling_and_unknown_method(tmp_path):
     assert args.learning_rates["GradDiff"] == pytest.approx(1e-4)  # 1e-5 × (1e-4 / 1e-5)
     assert args.learning_rates["SOGradDiff"] == pytest.approx(5e-5)
     assert args.learning_rates["SIMU"] == 3e-5
+    args = run.parse_args(
+        [*base, "--variant", "ASU_t=ASU_GD:trainer.method_args.temperature=1.5,a=b"]
+    )
+    assert args.variants == {"ASU_t": ("ASU_GD", ["trainer.method_args.temperature=1.5", "a=b"])}
+    assert args.runs[-1] == "ASU_t" and args.learning_rates["ASU_t"] == 1e-4
+    with pytest.raises(SystemExit):
+        run.parse_args([*base, "--variant", "X=Unknown:a=b"])
     with pytest.raises(SystemExit):
         run.parse_args([*base, "--lr", "Nope=1"])
     with pytest.raises(SystemExit):

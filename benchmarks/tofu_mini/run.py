@@ -69,6 +69,7 @@ COLUMNS = [
     ("privleak", "privleak", None),
     ("extraction strength", "extraction_strength", False),
     ("token entropy", "token_entropy", True),
+    ("empty answers", "empty_share", False),
 ]
 
 
@@ -100,6 +101,14 @@ def parse_args(argv=None):
     )
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--lr", action="append", default=[], metavar="METHOD=VALUE")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=METHOD:OVERRIDE[,OVERRIDE]",
+        help="an extra row: METHOD with harness overrides, e.g.\n"
+        "ASU_GD_tau1.5=ASU_GD:trainer.method_args.temperature=1.5",
+    )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--redo", action="append", default=[], metavar="STAGE")
     p.add_argument("--seed", type=int, default=0)
@@ -121,6 +130,17 @@ def parse_args(argv=None):
         if method not in METHODS:
             p.error(f"--lr {item}: unknown method {method!r}; choose from {', '.join(METHODS)}")
         args.learning_rates[method] = float(value)
+    args.variants = {}
+    for item in args.variant:
+        name, _, rest = item.partition("=")
+        method, _, overrides = rest.partition(":")
+        if not name or method not in METHODS or name in METHODS:
+            p.error(
+                f"--variant {item}: use NEW_NAME=METHOD:override,... with METHOD in {list(METHODS)}"
+            )
+        args.variants[name] = (method, [o for o in overrides.split(",") if o])
+        args.learning_rates.setdefault(name, args.learning_rates[method])
+    args.runs = [*args.methods, *args.variants]
     if args.device == "auto":
         import torch
 
@@ -347,9 +367,11 @@ class Pipeline:
         return {"summary": read_json(self.work / "evals" / name / "TOFU_SUMMARY.json")}
 
     def unlearn(self, method):
-        experiment, extra, _ = METHODS[method]
+        base, variant_overrides = self.args.variants.get(method, (method, []))
+        experiment, extra, _ = METHODS[base]
+        extra = [*extra, *variant_overrides]
         lr = self.args.learning_rates[method]
-        if method == "SIMU":
+        if base == "SIMU":
             extra = [*extra, f"trainer.method_args.steps={self.args.simu_ig_steps}"]
         self.harness(
             f"unlearn_{method}",
@@ -389,7 +411,7 @@ class Pipeline:
         self.run_stage(
             "eval_target", lambda: self.evaluate("eval_target", models / "target", "target")
         )
-        for method in a.methods:
+        for method in a.runs:
             self.run_stage(f"unlearn_{method}", lambda m=method: self.unlearn(m))
             self.run_stage(
                 f"eval_{method}",
@@ -404,7 +426,7 @@ class Pipeline:
         a = self.args
         tokenizer = AutoTokenizer.from_pretrained(self.base_model)
         rows = []
-        for name in ["retain", "target", *a.methods]:
+        for name in ["retain", "target", *a.runs]:
             evals = self.work / "evals" / name
             summary = read_json(evals / "TOFU_SUMMARY.json")
             per_item = read_json(evals / "TOFU_EVAL.json")
@@ -412,18 +434,24 @@ class Pipeline:
                 item["generation"]
                 for item in per_item["forget_Q_A_ROUGE"]["value_by_index"].values()
             ]
-            row = {"name": name, "kind": kind_of(name)}
+            base = a.variants.get(name, (name, []))[0]
+            row = {"name": name, "kind": kind_of(base)}
+            if name in a.variants:
+                row["variant_of"], row["overrides"] = a.variants[name]
             for _, key, _ in COLUMNS:
                 row[key] = summary.get(key)
             row["token_entropy"] = mean_token_entropy(tokenizer, generations)
-            if name in METHODS:
+            row["empty_share"] = sum(not g.strip() for g in generations) / len(generations)
+            if name in a.learning_rates:
                 row["learning_rate"] = a.learning_rates[name]
                 row["unlearn_seconds"] = read_json(self.marker(f"unlearn_{name}"))["seconds"]
             row["eval_seconds"] = read_json(self.marker(f"eval_{name}"))["seconds"]
             row["sample_generation"] = first_generation(per_item)
             rows.append(row)
+        markers = [(p.stem, read_json(p)) for p in (self.work / "stages").glob("*.json")]
         stage_seconds = {
-            p.stem: read_json(p)["seconds"] for p in sorted((self.work / "stages").glob("*.json"))
+            stage: info["seconds"]
+            for stage, info in sorted(markers, key=lambda item: item[1]["finished"])
         }
         result = {
             "name": a.name,
@@ -535,6 +563,7 @@ def settings(a, data_marker):
         "data_rows": {k: v for k, v in read_json(data_marker).items() if isinstance(v, int)},
         "finetune": {"epochs": a.finetune_epochs, "learning_rate": a.finetune_lr},
         "unlearn": {"epochs": a.unlearn_epochs, "learning_rates": a.learning_rates},
+        "variants": a.variants,
         "per_device_batch_size": a.batch_size,
         "gradient_accumulation_steps": a.grad_accum,
         "rouge_max_new_tokens": a.max_new_tokens,
@@ -586,6 +615,8 @@ def markdown(result, png_name):
             + " | ".join(cells)
             + f" | {fmt(row.get('unlearn_seconds'))} |"
         )
+    for name, (method, overrides) in s["variants"].items():
+        lines.append(f"\n{name}: {method} with `{' '.join(overrides)}`.")
     lines += [
         "",
         "forget_quality: KS-test p-value of forget truth ratios against the retain model "
@@ -593,7 +624,8 @@ def markdown(result, png_name):
         "probability, ROUGE and truth ratio on retain / real authors / world facts. privleak: "
         "0 is the retain model's MIA AUC, negative means the forget set still looks like "
         "training data. token entropy: normalised entropy of each forget generation's tokens "
-        "(low = repetitive, degenerate text).",
+        "(low = repetitive, degenerate text; an empty answer scores 0). empty answers: share of "
+        "forget questions answered with nothing at all.",
         "",
         f"![model utility vs forget quality]({png_name})",
         "",
