@@ -85,8 +85,10 @@ def test_mini_tofu_folder_loads_offline_with_datasets(tmp_path):
     assert counts["retain_mini"] == 30 and counts["target_train"] == 70
     assert counts["real_authors_perturbed"] == 7 and counts["world_facts_perturbed"] == 7
     folder = str(pipeline.data_dir / "locuslab" / "TOFU")
-    target = load_dataset(folder, name="target_train", split="train")
-    retain_eval = load_dataset(folder, name="retain_perturbed", split="train")
+    # datasets keys a local folder's cache by config name: keep other runs' rows out
+    cache = str(tmp_path / "cache")
+    target = load_dataset(folder, name="target_train", split="train", cache_dir=cache)
+    retain_eval = load_dataset(folder, name="retain_perturbed", split="train", cache_dir=cache)
     assert len(target) == 70 and set(target.column_names) == {"question", "answer"}
     # the retain rows trained on are exactly the retain rows scored
     assert target["question"][40:] == retain_eval["question"]

@@ -159,6 +159,9 @@ class Pipeline:
         self.base_model = self.work / "models" / "SmolLM2-135M-Instruct"
         self.data_dir = self.work / "data"
         self.retain_logs = self.work / "evals" / "retain" / "TOFU_EVAL.json"
+        # datasets (3.0) keys its cache of a local folder by config name, not file contents:
+        # a private cache, emptied whenever the data stage rewrites the files
+        self.datasets_cache = self.work / "datasets_cache"
 
     # -- bookkeeping ----------------------------------------------------------------------
     def marker(self, stage):
@@ -182,7 +185,12 @@ class Pipeline:
         """Run a harness script in the mini-data folder (datasets resolve locuslab/TOFU there)."""
         cmd = [sys.executable, str(self.args.harness / "src" / script), *overrides]
         log = self.work / "logs" / f"{stage}.log"
-        env = dict(os.environ, OPEN_UNLEARNING_SRC=str(self.args.harness), HF_HUB_OFFLINE="1")
+        env = dict(
+            os.environ,
+            OPEN_UNLEARNING_SRC=str(self.args.harness),
+            HF_HUB_OFFLINE="1",
+            HF_DATASETS_CACHE=str(self.datasets_cache),
+        )
         env.setdefault("HF_DATASETS_OFFLINE", "1")
         with open(log, "w") as fh:
             fh.write(" ".join(cmd) + "\n\n")
@@ -314,8 +322,9 @@ class Pipeline:
     def build_data(self):
         src = self.args.data / "locuslab" / "TOFU"
         dst = self.data_dir / "locuslab" / "TOFU"
-        if dst.exists():
-            shutil.rmtree(dst)
+        for stale in (dst, self.datasets_cache):
+            if stale.exists():
+                shutil.rmtree(stale)
         dst.mkdir(parents=True)
 
         def rows(name, limit=None):
