@@ -69,3 +69,29 @@ def token_entropy(token_ids: list[int]) -> float:
         counts[token] = counts.get(token, 0) + 1
     total = len(token_ids)
     return -sum(c / total * math.log(c / total) for c in counts.values())
+
+
+def machine_info() -> dict:
+    """What a measurement ran on: CPU model and cores, torch threads, GPU, OS, Python."""
+    import os
+    import platform
+    from pathlib import Path
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:  # not Linux
+        pass
+    info = {
+        "cpu": cpu,
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info

@@ -32,7 +32,6 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -432,6 +431,8 @@ class Pipeline:
     def report(self):
         from transformers import AutoTokenizer
 
+        from asu_simu_plugin.diagnostics import machine_info
+
         a = self.args
         tokenizer = AutoTokenizer.from_pretrained(self.base_model)
         rows = []
@@ -465,7 +466,7 @@ class Pipeline:
         result = {
             "name": a.name,
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "machine": machine_info(a.device),
+            "machine": {**machine_info(), "device": a.device},
             "versions": versions(a.harness),
             "settings": settings(a, self.marker("data")),
             "rows": rows,
@@ -518,30 +519,6 @@ def first_generation(per_item):
     items = per_item["forget_Q_A_ROUGE"]["value_by_index"]
     first = items[sorted(items, key=int)[0]]
     return {"question": first.get("input", ""), "generation": first["generation"]}
-
-
-def machine_info(device):
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {
-        "cpu": cpu,
-        "cpu_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": device,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def versions(harness):
