@@ -6,6 +6,7 @@ keys), its tokenizer, and `asu_simu_run.json` with everything needed to reproduc
 
 from __future__ import annotations
 
+import gc
 import json
 import platform
 from dataclasses import asdict, dataclass, field
@@ -147,5 +148,21 @@ def run_unlearning(
         },
         "command": command,
     }
-    (output_dir / RUN_FILE).write_text(json.dumps(record, indent=2, default=str))
+    if trainer.is_world_process_zero():
+        (output_dir / RUN_FILE).write_text(json.dumps(record, indent=2, default=str))
     return trainer
+
+
+def close_distributed() -> None:
+    """Tear down the process group a torchrun launch opened, once every rank is done.
+
+    Call it after the trainer is released. Left to interpreter shutdown, gloo's worker
+    thread can free a finished collective's tensors after Python stopped serving the GIL,
+    which aborts the process ("terminate called without an active exception") after the
+    model was saved.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    gc.collect()  # drop trainer/DDP references so the group really closes below
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()

@@ -175,7 +175,7 @@ DDP_SCRIPT = textwrap.dedent(
     import hashlib, json, os, sys, torch
     from transformers import LlamaForCausalLM
     from asu_simu_plugin import toy
-    from asu_simu_plugin.runner import RunSettings, build_trainer
+    from asu_simu_plugin.runner import RunSettings, build_trainer, close_distributed
     out = sys.argv[1]
     authors = toy.make_authors(4)
     tok = toy.build_tokenizer(toy.corpus_texts(authors), vocab_size=600)
@@ -198,6 +198,8 @@ DDP_SCRIPT = textwrap.dedent(
     masks = {k: v.int().tolist() for k, v in getattr(trainer, "neuron_masks", {}).items()}
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"params": digest.hexdigest(), "masks": masks}, f)
+    del trainer
+    close_distributed()
     """
 )
 

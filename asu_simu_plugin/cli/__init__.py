@@ -36,7 +36,12 @@ def main(argv=None) -> int:
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"asu-simu {command}", description=help_text)
     module.add_arguments(parser)
-    return int(module.run(parser.parse_args(argv[1:])) or 0)
+    try:
+        return int(module.run(parser.parse_args(argv[1:])) or 0)
+    finally:
+        from asu_simu_plugin.runner import close_distributed
+
+        close_distributed()
 
 
 if __name__ == "__main__":
