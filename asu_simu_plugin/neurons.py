@@ -22,6 +22,10 @@ stacked along the batch dimension: a copy scales exactly one layer, so stacking 
 different layers is still the per-layer definition. The model is frozen (eval mode, no
 parameter gradient; gradients are taken with `torch.autograd.grad` on the scaled activations
 only), and its training mode and `requires_grad` flags are restored afterwards.
+
+Cost: layers below the shallowest layer a pass scales see unscaled inputs in every copy, so
+their outputs are replayed from the observed pass instead of recomputed, and the backward
+stops at the scaled layer; a pass for layer l runs only layers l and above.
 """
 
 from __future__ import annotations
@@ -63,21 +67,67 @@ def _answer_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> torch.
     return -F.cross_entropy(logits[:, :-1][answer].float(), targets[answer], reduction="sum")
 
 
-def _observed_activations(model, projections, inputs) -> dict[int, torch.Tensor]:
-    captured, handles = {}, []
+def _observed_pass(model, projections, layers, inputs):
+    """One plain forward: each attributed layer's MLP activation β, and each decoder layer's
+    output below the deepest attributed layer (what `_reused_prefix` replays)."""
+    activations, layer_outputs, handles = {}, {}, []
     for layer_id, proj in projections.items():
 
-        def keep(_module, args, layer_id=layer_id):
-            captured[layer_id] = args[0].detach()
+        def keep_activation(_module, args, layer_id=layer_id):
+            activations[layer_id] = args[0].detach()
 
-        handles.append(proj.register_forward_pre_hook(keep))
+        handles.append(proj.register_forward_pre_hook(keep_activation))
+    for layer_id in range(max(projections, default=0)):
+
+        def keep_output(_module, _args, output, layer_id=layer_id):
+            layer_outputs[layer_id] = output
+
+        handles.append(layers[layer_id].register_forward_hook(keep_output))
     try:
         with torch.no_grad():
             model(**inputs, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
-    return captured
+    return activations, layer_outputs
+
+
+def _repeat_rows(output, copies):
+    """`output` with every tensor repeated `copies` times along the batch; None if some part
+    is not a tensor (such a layer is simply run again)."""
+    if output is None:
+        return None
+    if isinstance(output, torch.Tensor):
+        return output.repeat(copies, *([1] * (output.dim() - 1)))
+    if isinstance(output, tuple):
+        parts = [_repeat_rows(part, copies) for part in output]
+        if any(new is None and old is not None for new, old in zip(parts, output, strict=True)):
+            return None
+        return tuple(parts)
+    return None
+
+
+@contextlib.contextmanager
+def _reused_prefix(layers, layer_outputs, first_scaled, copies):
+    """Layers below the shallowest scaled one see unscaled inputs in every copy, so their
+    outputs are the observed ones: replay them instead of running those layers again."""
+    replaced = []
+    try:
+        for layer_id in range(first_scaled):
+            replay = _repeat_rows(layer_outputs[layer_id], copies)
+            if replay is None:
+                continue
+            layer = layers[layer_id]
+            # An instance-level forward (accelerate's device hooks) is put back afterwards.
+            replaced.append((layer, layer.__dict__.get("forward")))
+            layer.forward = lambda *args, replay=replay, **kwargs: replay
+        yield
+    finally:
+        for layer, own_forward in replaced:
+            if own_forward is None:
+                del layer.forward
+            else:
+                layer.forward = own_forward
 
 
 def neuron_attributions(
@@ -127,12 +177,15 @@ def neuron_attributions(
             if attention_mask is None:
                 attention_mask = torch.ones_like(input_ids)
             inputs = {"input_ids": input_ids, "attention_mask": attention_mask.to(device)}
-            observed = _observed_activations(model, projections, inputs)
+            observed, layer_outputs = _observed_pass(model, projections, all_layers, inputs)
             for start in range(0, len(pairs), chunk):
                 part = pairs[start : start + chunk]
-                for layer_id, contribution in _integrated_gradients(
-                    model, projections, observed, inputs, labels, part, steps
-                ).items():
+                first_scaled = min(layer_id for layer_id, _ in part)
+                with _reused_prefix(all_layers, layer_outputs, first_scaled, len(part)):
+                    contributions = _integrated_gradients(
+                        model, projections, observed, inputs, labels, part, steps
+                    )
+                for layer_id, contribution in contributions.items():
                     totals[layer_id] += contribution
     if batches_seen == 0:
         raise ValueError("empty forget set: `batches` yielded no batch to attribute")

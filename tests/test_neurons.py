@@ -139,6 +139,23 @@ def test_default_runs_one_pass_per_layer_of_steps_copies():
     assert rows_per_pass == [2, 8, 8, 8] * 2
 
 
+@pytest.mark.parametrize("chunk_size", [None, 8])
+def test_layers_below_the_scaled_ones_are_replayed_not_run(chunk_size):
+    model = tiny_causal_lm("llama")
+    rows_per_layer = {i: [] for i in range(3)}
+    for i, layer in enumerate(decoder_layers(model)):
+        layer.self_attn.register_forward_pre_hook(
+            lambda m, args, kwargs, i=i: rows_per_layer[i].append(kwargs["hidden_states"].shape[0]),
+            with_kwargs=True,
+        )
+    neuron_attributions(model, [make_batch()], steps=4, progress=False, chunk_size=chunk_size)
+    if chunk_size is None:  # observed pass (2 rows), then one pass per layer (8 rows)
+        assert rows_per_layer == {0: [2, 8], 1: [2, 8, 8], 2: [2, 8, 8, 8]}
+    else:  # passes of layers {0, 1} (16 rows) and {2} (8 rows)
+        assert rows_per_layer == {0: [2, 16], 1: [2, 16], 2: [2, 16, 8]}
+    assert not any("forward" in vars(layer) for layer in decoder_layers(model))
+
+
 def test_batches_without_answers_are_skipped():
     model = sharpened()
     batch = make_batch()
