@@ -295,9 +295,9 @@ def markdown(result):
         f"{s['forget_size']} forget rows, every decoder layer): {att['seconds']:.1f} s, peak "
         f"{att['peak_mib']:.0f} MiB; one SIMU training epoch on the same rows: "
         f"{epoch['seconds']:.1f} s, peak {epoch['peak_mib']:.0f} MiB → attribution = "
-        f"**{att['seconds'] / epoch['seconds']:.1f} epochs**. The pass costs one forward and a "
-        f"partial backward of the forget set per (layer, step), so it grows with "
-        f"layers × steps (×{20 / s['simu_ig_steps']:.0f} at the paper's 20 steps) and not with "
+        f"**{att['seconds'] / epoch['seconds']:.1f} epochs**. Per (layer l, step), the pass "
+        "runs layers ≥ l forward and backward on the forget set (layers below l replay the "
+        f"observed pass), so it grows with layers × steps (×{20 / s['simu_ig_steps']:.0f} at the paper's 20 steps) and not with "
         "the number of training epochs; it runs once, and `mask_path` reuses its masks.",
         "",
     ]
