@@ -92,35 +92,38 @@ def _observed_pass(model, projections, layers, inputs):
     return activations, layer_outputs
 
 
+def _replayable(output) -> bool:
+    """A tensor, or a tuple of tensors and Nones (what decoder layers return without a cache)."""
+    if isinstance(output, torch.Tensor):
+        return True
+    return isinstance(output, tuple) and all(
+        part is None or isinstance(part, torch.Tensor) for part in output
+    )
+
+
 def _repeat_rows(output, copies):
-    """`output` with every tensor repeated `copies` times along the batch; None if some part
-    is not a tensor (such a layer is simply run again)."""
-    if output is None:
-        return None
+    """A replayable layer output with every tensor repeated `copies` times along the batch."""
     if isinstance(output, torch.Tensor):
         return output.repeat(copies, *([1] * (output.dim() - 1)))
-    if isinstance(output, tuple):
-        parts = [_repeat_rows(part, copies) for part in output]
-        if any(new is None and old is not None for new, old in zip(parts, output, strict=True)):
-            return None
-        return tuple(parts)
-    return None
+    return tuple(None if part is None else _repeat_rows(part, copies) for part in output)
 
 
 @contextlib.contextmanager
 def _reused_prefix(layers, layer_outputs, first_scaled, copies):
     """Layers below the shallowest scaled one see unscaled inputs in every copy, so their
-    outputs are the observed ones: replay them instead of running those layers again."""
+    outputs are the observed ones: replay them instead of running those layers again
+    (a layer whose output is no plain tensor/tuple just runs)."""
     replaced = []
     try:
         for layer_id in range(first_scaled):
-            replay = _repeat_rows(layer_outputs[layer_id], copies)
-            if replay is None:
+            output = layer_outputs[layer_id]
+            if not _replayable(output):
                 continue
             layer = layers[layer_id]
             # An instance-level forward (accelerate's device hooks) is put back afterwards.
             replaced.append((layer, layer.__dict__.get("forward")))
-            layer.forward = lambda *args, replay=replay, **kwargs: replay
+            # Repeated when called, so only the current layer's copies are alive (memory).
+            layer.forward = lambda *args, output=output, **kwargs: _repeat_rows(output, copies)
         yield
     finally:
         for layer, own_forward in replaced:

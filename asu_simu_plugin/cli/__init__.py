@@ -36,12 +36,13 @@ def main(argv=None) -> int:
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"asu-simu {command}", description=help_text)
     module.add_arguments(parser)
-    try:
-        return int(module.run(parser.parse_args(argv[1:])) or 0)
-    finally:
-        from asu_simu_plugin.runner import close_distributed
+    code = int(module.run(parser.parse_args(argv[1:])) or 0)
+    # Only after success: a failing rank must exit (torchrun then stops the others), not wait
+    # at the closing barrier for ranks that never arrive.
+    from asu_simu_plugin.runner import close_distributed
 
-        close_distributed()
+    close_distributed()
+    return code
 
 
 if __name__ == "__main__":
