@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+import torch
 from torch import nn
 
 # Attribute paths from a *ForCausalLM to its list of decoder layers, tried in order.
@@ -47,13 +48,28 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     )
 
 
-def resolve_layer_ids(layers: Iterable[int] | None, num_layers: int) -> list[int]:
-    """Validate 0-based layer ids; `None` means every layer. Returns a sorted, unique list."""
+def resolve_layer_ids(layers, num_layers: int) -> list[int]:
+    """Validate 0-based layer ids; `None` means every layer. Returns a sorted, unique list.
+
+    Only integers are accepted (a list of them, or one): a string such as ``"15"`` would
+    otherwise be read character by character as layers 1 and 5, and ``2.5`` truncated to 2.
+    """
     if layers is None:
         return list(range(num_layers))
-    if isinstance(layers, int):
-        layers = [layers]
-    ids = sorted({int(i) for i in layers})
+    items = [layers] if _is_integer(layers) else layers
+    if isinstance(layers, str | bytes) or not isinstance(items, Iterable):
+        raise ValueError(
+            f"layers must be null/None (all layers), an integer or a list of integers "
+            f"(got {layers!r}); e.g. layers=[0,1,2]"
+        )
+    items = list(items)
+    bad_type = [i for i in items if not _is_integer(i)]
+    if bad_type:
+        raise ValueError(
+            f"layer ids must be integers (got {bad_type!r} in {layers!r}); "
+            "write them as numbers, e.g. layers=[0,1,2]"
+        )
+    ids = sorted({int(i) for i in items})
     bad = [i for i in ids if not 0 <= i < num_layers]
     if bad:
         raise ValueError(
@@ -63,6 +79,19 @@ def resolve_layer_ids(layers: Iterable[int] | None, num_layers: int) -> list[int
     return ids
 
 
+def _is_integer(value) -> bool:
+    """int or an integer-valued numpy/torch scalar; never bool, float or str."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return True
+    dtype = getattr(value, "dtype", None)
+    shape = getattr(value, "shape", None)
+    if dtype is None or shape not in ((), torch.Size([])):
+        return False
+    return not getattr(dtype, "is_floating_point", False) and "int" in str(dtype)
+
+
 def self_attention(layer: nn.Module) -> nn.Module:
     """The self-attention module of one decoder layer."""
     for name in ("self_attn", "attn", "attention", "self_attention"):
@@ -70,6 +99,89 @@ def self_attention(layer: nn.Module) -> nn.Module:
         if isinstance(module, nn.Module):
             return module
     raise TypeError(f"{type(layer).__name__}: no self-attention module found")
+
+
+QUERY_SITES = (
+    "`q_norm`/`q_layernorm` after the query projection (OLMo-2, Qwen3, Cohere), `q_proj`, a "
+    "contiguous fused q|k|v (`qkv_proj` of Phi-3, `c_attn` of GPT-2), or a per-head fused "
+    "`query_key_value` (GPT-NeoX, Falcon)"
+)
+
+
+def query_site(attn: nn.Module, model: nn.Module) -> tuple[nn.Module, torch.Tensor | None]:
+    """The module whose output is the attention's final query, and which outputs are query.
+
+    Returns `(module, mask)`: `mask` is None when the whole output is the query, else a bool
+    vector over the output's last dimension marking the query entries of a fused q/k/v output.
+    Raises TypeError (naming the model) where scaling the query would not temper exactly.
+    """
+    name = type(model).__name__
+    config = vars(attn).get("config")
+    config = getattr(model, "config", None) if config is None else config
+    if getattr(config, "alibi", False) or getattr(attn, "sinks", None) is not None:
+        raise TypeError(
+            f"{name}: its attention adds ALiBi biases or attention sinks to the logits, which a "
+            "scaled query does not divide, so the attention temperature cannot be exact there"
+        )
+    if getattr(config, "clip_qkv", None) is not None:
+        raise TypeError(
+            f"{name}: clip_qkv clamps the query after its projection, so scaling the query is not "
+            "exact; use transformers >= 4.48, whose attention `scaling` is tempered instead"
+        )
+    for norm in ("q_norm", "q_layernorm"):  # renormalised queries: scale after the norm
+        if isinstance(getattr(attn, norm, None), nn.Module):
+            return getattr(attn, norm), None
+    if isinstance(getattr(attn, "q_proj", None), nn.Module):
+        return attn.q_proj, None
+    heads = getattr(attn, "num_heads", None) or getattr(attn, "num_attention_heads", None)
+    heads = heads or getattr(config, "num_attention_heads", None)
+    head_dim = getattr(attn, "head_dim", None) or getattr(attn, "head_size", None)
+    for fused in ("qkv_proj", "c_attn", "query_key_value"):
+        module = getattr(attn, fused, None)
+        if not isinstance(module, nn.Module) or getattr(attn, "is_cross_attention", False):
+            continue
+        # Out width of Linear, of GPT-2's Conv1D (`nf`), or of a wrapper that keeps either.
+        width = getattr(module, "out_features", None) or getattr(module, "nf", None)
+        if not (heads and head_dim and width):
+            break
+        mask = _fused_query_mask(attn, config, fused, heads, head_dim, width)
+        if mask is not None:
+            return module, mask
+        break
+    raise TypeError(
+        f"{name}: cannot find the query of {type(attn).__name__}, so the attention temperature "
+        f"cannot be applied exactly. Supported: attention modules with their own `scaling` "
+        f"(transformers >= 4.48), or a query at {QUERY_SITES}."
+    )
+
+
+def _fused_query_mask(attn, config, fused, heads, head_dim, width) -> torch.Tensor | None:
+    """Which entries of a fused q/k/v projection output are the query (None: unknown layout)."""
+    kv_heads = (
+        getattr(attn, "num_key_value_heads", None)
+        or getattr(attn, "num_kv_heads", None)
+        or getattr(config, "num_key_value_heads", None)
+        or heads
+    )
+    if fused == "query_key_value":
+        if getattr(attn, "new_decoder_architecture", False):
+            # Falcon-40B style: per kv group, its query heads, then one key, one value
+            group = [True] * (heads // kv_heads) + [False, False]
+            layout = group * kv_heads
+        elif getattr(attn, "multi_query", False):
+            layout = [True] * heads + [False, False]  # Falcon-7B: q heads | k | v
+        else:
+            layout = [True, False, False] * heads  # GPT-NeoX, Falcon: per head q | k | v
+        if len(layout) * head_dim != width:
+            return None
+        return torch.tensor(layout).repeat_interleave(head_dim)
+    # Contiguous q | k | v (Phi-3 `qkv_proj`, GPT-2 `c_attn`, GPT-BigCode's multi-query `c_attn`).
+    query = heads * head_dim
+    if width not in (query + 2 * kv_heads * head_dim, query + 2 * head_dim, 3 * query):
+        return None
+    mask = torch.zeros(width, dtype=torch.bool)
+    mask[:query] = True
+    return mask
 
 
 def mlp(layer: nn.Module) -> nn.Module:

@@ -1,21 +1,36 @@
 """Attention temperature: softmax(attention logits / τ) on chosen decoder layers (ASU's teacher).
 
-Why scaling the query alone is exact. An attention layer's logits are s_ij = c · (R_i q_i)·(R_j k_j)
-with c its scale (1/√d, or Gemma's `query_pre_attn_scalar`) and R the rotary embedding. R is a
-linear map, so replacing q by q/τ gives s_ij/τ for every pair (i, j), whatever happens before
-(bias, head split) or after (GQA key sharing, KV cache; masked keys get zero weight either way).
-Keys and values are untouched, so keys already in a generation cache stay valid, and every
-attention backend (eager, SDPA, flash-attention) sees an ordinary query: nothing in the modeling
-code is copied or patched. The query is scaled at the module that produces it last: the `q_proj` output, the
-`q_norm` output for models that renormalise queries (OLMo-2, Qwen3; scaling before the norm would
-be undone), or the query slice of a fused `qkv_proj` (Phi-3 keeps q | k | v contiguous).
+What "attention temperature" means here, exactly: every head of a tempered layer computes
+softmax(s / τ + m), with s the logits the layer would feed its softmax (QKᵀ times the layer's own
+scale — 1/√d, Gemma's `query_pre_attn_scalar`^-½, Granite's `attention_multiplier` — and then
+soft-capped where the model soft-caps) and m the causal/padding mask. Dividing the logits after
+the soft-cap keeps the definition of docs/algorithms.md §1.1 (α(τ) = softmax(logits / τ)) for
+every model: τ = 1 is the original layer, τ → ∞ uniform attention over the visible keys, and a
+soft-capped model tempered by τ is exactly as smooth as an uncapped one with the same logits.
 
-Soft-capped models (Gemma-2) compute cap · tanh(s / cap). With the query scaled, s becomes s/τ;
-using cap/τ as the cap for that layer gives (cap/τ) · tanh((s/τ) / (cap/τ)) = cap · tanh(s/cap) / τ,
-again exactly the original logits divided by τ. The cap is changed per layer: on the attention
-module's own `attn_logit_softcapping` where it has one (transformers 5.x) or, where the module
-reads the config shared by all layers (4.45), on a private copy of the config given to that
-module only and taken back on removal.
+Two routes, both exact, checked against an explicit computation on every architecture in the
+test-suite:
+
+1. **The module's own scale** (transformers >= 4.48): attention modules there carry `scaling` and
+   pass it to whichever backend runs (eager multiplies by it, SDPA gets it as `scale`, flash
+   attention as `softmax_scale`, flex as `scale`), so `scaling / τ` gives s/τ everywhere.
+2. **The query** (transformers 4.45, and modules without `scaling`): logits are s_ij =
+   c · (R_i q_i)·(R_j k_j) with R the rotary embedding, a linear map, so replacing q by q/τ gives
+   s_ij/τ for every pair whatever happens before (bias, head split) or after (GQA key sharing,
+   KV cache). Keys and values are untouched, so a generation cache stays valid. The query is
+   scaled where it is produced last: the `q_proj` output, the `q_norm` output for models that
+   renormalise queries (OLMo-2, Qwen3; scaling before the norm would be undone), or the query
+   entries of a fused projection (`arch.query_site` knows the layouts).
+
+Soft-capped models (Gemma-2/3) compute cap · tanh(s / cap). With s become s/τ, using cap/τ as the
+cap for that layer gives (cap/τ) · tanh((s/τ) / (cap/τ)) = cap · tanh(s/cap) / τ: again exactly the
+capped logits divided by τ. The cap is changed per layer: on the attention module's own
+`attn_logit_softcapping` where it has one (transformers 5.x) or, where the module reads the
+config shared by all layers (4.45), on a private copy of the config given to that module only.
+
+Where neither route is exact (ALiBi biases or attention sinks added to the logits, a query clamped
+after its projection, an unknown fused layout) a TypeError names the model class; nothing is
+changed then. Every changed attribute is restored by `remove()` and inside `paused()`.
 """
 
 from __future__ import annotations
@@ -27,16 +42,27 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
+import transformers
+from packaging import version
 from torch import nn
 
-from asu_simu_plugin.arch import decoder_layers, resolve_layer_ids, self_attention, unwrap_model
+from asu_simu_plugin.arch import (
+    QUERY_SITES,
+    decoder_layers,
+    query_site,
+    resolve_layer_ids,
+    self_attention,
+    unwrap_model,
+)
 
 SUPPORTED = (
-    "Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma, Gemma-2, OLMo-2 and other decoder-only models "
-    "whose attention has a `q_proj` (optionally followed by `q_norm`) or a Phi-3-style "
-    "contiguous `qkv_proj`"
+    "decoder-only models whose attention modules carry their own `scaling` (transformers >= "
+    f"4.48: Llama, Mistral, Qwen2/3, Gemma 1-3, Phi-3, OLMo-2, Granite, Cohere, StarCoder2, "
+    f"GPT-NeoX, GPT-2, ...), and otherwise those with a query at {QUERY_SITES}"
 )
 _SOFTCAP = "attn_logit_softcapping"
+# transformers 4.48 moved every attention backend behind `attention_interface(..., scaling=)`.
+SCALING_ROUTE = version.parse(transformers.__version__) >= version.parse("4.48.0")
 
 
 def _check_temperature(temperature) -> float:
@@ -55,33 +81,18 @@ def _check_temperature(temperature) -> float:
     return value
 
 
-def _query_site(attn: nn.Module, model: nn.Module) -> tuple[nn.Module, int | None]:
-    """The module whose output is the final query, and the query width if that output is fused."""
-    q_norm = getattr(attn, "q_norm", None)
-    if isinstance(q_norm, nn.Module):
-        return q_norm, None
-    q_proj = getattr(attn, "q_proj", None)
-    if isinstance(q_proj, nn.Module):
-        return q_proj, None
-    qkv = getattr(attn, "qkv_proj", None)
-    if isinstance(qkv, nn.Module):  # any wrapper (LoRA, quantised) that keeps `out_features`
-        config = getattr(attn, "config", None)
-        config = model.config if config is None else config
-        head_dim = getattr(attn, "head_dim", None)
-        n_heads = getattr(attn, "num_heads", None) or getattr(config, "num_attention_heads", None)
-        n_kv = (
-            getattr(attn, "num_key_value_heads", None)
-            or getattr(config, "num_key_value_heads", None)
-            or n_heads
+def _own_scaling(attn: nn.Module, model: nn.Module) -> float | None:
+    """The module's `scaling` if the scaling route applies to it, else None."""
+    scaling = vars(attn).get("scaling")
+    if not SCALING_ROUTE or isinstance(scaling, bool) or not isinstance(scaling, int | float):
+        return None
+    config = vars(attn).get("config", getattr(model, "config", None))
+    if getattr(config, "alibi", False) or getattr(attn, "sinks", None) is not None:
+        raise TypeError(
+            f"{type(model).__name__}: its attention adds ALiBi biases or attention sinks to the "
+            "logits, which a smaller scale does not divide, so the temperature cannot be exact"
         )
-        width = getattr(qkv, "out_features", None)
-        if head_dim and n_heads and n_kv and width == (n_heads + 2 * n_kv) * head_dim:
-            return qkv, n_heads * head_dim
-    raise TypeError(
-        f"{type(model).__name__}: cannot find the query projection of {type(attn).__name__} "
-        f"(looked for q_norm, q_proj, qkv_proj), so the attention temperature cannot be applied. "
-        f"Supported: {SUPPORTED}."
-    )
+    return float(scaling)
 
 
 class AttentionTemperature:
@@ -90,6 +101,7 @@ class AttentionTemperature:
     Attributes:
       temperature: τ.
       layers: the tempered decoder layers (sorted 0-based ids).
+      routes: layer id -> "scaling" (the module's own scale was divided) or "query".
       active: True while the temperature is in effect (False inside `paused()` and after
         `remove()`).
     """
@@ -99,8 +111,9 @@ class AttentionTemperature:
         self.layers = layers
         self._model = model
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        # (attention module, attribute name, original value, tempered value)
-        self._softcaps: list[tuple[nn.Module, str, object, object]] = []
+        # (attention module, attribute name, original value, tempered value): scale and soft-cap
+        self._attributes: list[tuple[nn.Module, str, object, object]] = []
+        self.routes: dict[int, str] = {}  # layer id -> "scaling" or "query"
         self._pause_depth = 0
         self._removed = False
         if temperature != 1.0:  # τ = 1 attaches nothing, so the model stays bit-for-bit identical
@@ -109,7 +122,7 @@ class AttentionTemperature:
     # -- attaching ------------------------------------------------------------------------------
     def _attach(self) -> None:
         all_layers = decoder_layers(self._model)
-        sites = []
+        plans = []
         for layer_id in self.layers:
             try:
                 attn = self_attention(all_layers[layer_id])
@@ -119,39 +132,48 @@ class AttentionTemperature:
                     f"({type(all_layers[layer_id]).__name__}) has no self-attention module. "
                     f"Supported: {SUPPORTED}."
                 ) from None
-            sites.append((attn, *_query_site(attn, self._model)))
+            scaling = _own_scaling(attn, self._model)
+            if scaling is not None:
+                plans.append((layer_id, attn, None, None))
+            else:
+                plans.append((layer_id, attn, *query_site(attn, self._model)))
         # Everything is checked before anything is changed, so a failure leaves the model as it was.
-        for attn, module, query_width in sites:
-            self._handles.append(module.register_forward_hook(self._query_hook(query_width)))
+        for layer_id, attn, module, query_mask in plans:
+            if module is None:
+                scaling = vars(attn)["scaling"]
+                self._attributes.append((attn, "scaling", scaling, scaling / self.temperature))
+                self.routes[layer_id] = "scaling"
+            else:
+                self._handles.append(module.register_forward_hook(self._query_hook(query_mask)))
+                self.routes[layer_id] = "query"
             self._plan_softcap(attn)
-        self._apply_softcaps(tempered=True)
+        self._apply_attributes(tempered=True)
 
-    def _query_hook(self, query_width: int | None):
+    def _query_hook(self, query_mask: torch.Tensor | None):
         def scale_query(module, args, output):
             if self._pause_depth:
                 return None
-            if query_width is None:
+            if query_mask is None:
                 return output / self.temperature
-            return torch.cat(
-                (output[..., :query_width] / self.temperature, output[..., query_width:]), dim=-1
-            )
+            mask = query_mask.to(output.device)
+            return torch.where(mask, output / self.temperature, output)
 
         return scale_query
 
     def _plan_softcap(self, attn: nn.Module) -> None:
         if vars(attn).get(_SOFTCAP) is not None:  # newer transformers: a per-module attribute
             cap = vars(attn)[_SOFTCAP]
-            self._softcaps.append((attn, _SOFTCAP, cap, cap / self.temperature))
+            self._attributes.append((attn, _SOFTCAP, cap, cap / self.temperature))
             return
         config = vars(attn).get("config")
         cap = getattr(config, _SOFTCAP, None) if config is not None else None
         if cap is not None:  # older ones read the config shared by all layers: give this one a copy
             tempered = copy.copy(config)
             setattr(tempered, _SOFTCAP, cap / self.temperature)
-            self._softcaps.append((attn, "config", config, tempered))
+            self._attributes.append((attn, "config", config, tempered))
 
-    def _apply_softcaps(self, tempered: bool) -> None:
-        for attn, name, original, new in self._softcaps:
+    def _apply_attributes(self, tempered: bool) -> None:
+        for attn, name, original, new in self._attributes:
             setattr(attn, name, new if tempered else original)
 
     # -- public API -----------------------------------------------------------------------------
@@ -167,21 +189,21 @@ class AttentionTemperature:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._apply_softcaps(tempered=False)
-        self._softcaps.clear()
+        self._apply_attributes(tempered=False)
+        self._attributes.clear()
 
     @contextmanager
     def paused(self) -> Iterator[AttentionTemperature]:
         """Inside, the model runs exactly untempered (τ = 1); the temperature returns on exit."""
         self._pause_depth += 1
         if self._pause_depth == 1:
-            self._apply_softcaps(tempered=False)
+            self._apply_attributes(tempered=False)
         try:
             yield self
         finally:
             self._pause_depth -= 1
             if self._pause_depth == 0 and not self._removed:
-                self._apply_softcaps(tempered=True)
+                self._apply_attributes(tempered=True)
 
     def __enter__(self) -> AttentionTemperature:
         return self

@@ -51,7 +51,48 @@ ARCHITECTURES = {
         "4.45.1",
     ),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}, "4.47.0"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}, "4.51.0"),
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        {
+            "head_dim": 8,
+            "attn_logit_softcapping": 5.0,
+            "query_pre_attn_scalar": 12,
+            "sliding_window": 4,  # shorter than the test sequences: the local layers differ
+        },
+        "4.50.0",
+    ),
+    "granite": (
+        "GraniteConfig",
+        "GraniteForCausalLM",
+        {"attention_multiplier": 0.3, "embedding_multiplier": 2.0, "logits_scaling": 2.0},
+        "4.45.1",
+    ),
+    "cohere": (
+        "CohereConfig",
+        "CohereForCausalLM",
+        {"use_qk_norm": True, "logit_scale": 1.0},
+        "4.45.1",
+    ),
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", {"sliding_window": 64}, "4.45.1"),
+    "phi": ("PhiConfig", "PhiForCausalLM", {"partial_rotary_factor": 0.5}, "4.45.1"),
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", {"partial_rotary_factor": 0.5}, "4.45.1"),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {"rotary_pct": 0.5}, "4.45.1"),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", {"n_positions": 128}, "4.45.1"),
+    "falcon": ("FalconConfig", "FalconForCausalLM", {}, "4.45.1"),  # multi-query, fused qkv
+    "falcon_new": (
+        "FalconConfig",
+        "FalconForCausalLM",
+        {"new_decoder_architecture": True, "num_kv_heads": 2},  # grouped per-kv-head qkv layout
+        "4.45.1",
+    ),
 }
+# Those with a gated MLP ending in `down_proj` (what SIMU's neuron attribution needs).
+GATED_MLP_ARCHITECTURES = (
+    "llama", "mistral", "qwen2", "phi3", "gemma", "gemma2", "olmo2", "qwen3", "gemma3", "granite",
+    "cohere", "stablelm",
+)  # fmt: skip
 
 
 def architecture_available(arch: str) -> bool:

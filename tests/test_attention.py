@@ -17,6 +17,7 @@ import torch
 from conftest import ARCHITECTURES, tiny_causal_lm
 from torch import nn
 
+from asu_simu_plugin import attention
 from asu_simu_plugin.arch import decoder_layers, self_attention
 from asu_simu_plugin.attention import AttentionTemperature, attention_temperature
 
@@ -37,7 +38,7 @@ def build(arch: str, impl: str = "eager") -> nn.Module:
     with torch.no_grad():
         for layer in decoder_layers(model):
             attn = self_attention(layer)
-            for name in ("q_proj", "k_proj", "qkv_proj"):
+            for name in ("q_proj", "k_proj", "qkv_proj", "c_attn", "query_key_value"):
                 if hasattr(attn, name):
                     weight = getattr(attn, name).weight
                     weight.copy_(torch.randn(weight.shape, generator=generator) * 0.35)
@@ -116,15 +117,27 @@ def hook_state(model: nn.Module) -> dict:
     for name, module in model.named_modules():
         state[name] = tuple(tuple(getattr(module, kind, {}).items()) for kind in kinds)
         state[name] += (id(vars(module).get("config")), vars(module).get("attn_logit_softcapping"))
+        state[name] += (vars(module).get("scaling"),)
         state[name] += ("forward" in vars(module),)
     return state
 
 
+# Where transformers has the scaling route (>= 4.48), the query route is checked too: it is what
+# modules without `scaling` use, and what every module uses on 4.45.
+ROUTES = ["scaling", "query"] if attention.SCALING_ROUTE else ["query"]
+# Without their own `scaling` (Falcon keeps the scale inline): the query route on every version.
+QUERY_ONLY = {"falcon", "falcon_new"}
+
+
 # -- exactness ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("layers", [None, [1]], ids=["all", "layer1"])
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_matches_softmax_reference(arch, impl, layers, monkeypatch):
+def test_matches_softmax_reference(arch, impl, layers, route, monkeypatch):
+    if route == "scaling" and arch in QUERY_ONLY:
+        pytest.skip(f"{arch} attention has no `scaling`: tempered through the query")
+    monkeypatch.setattr(attention, "SCALING_ROUTE", route == "scaling")
     model = build(arch, impl)
     reference_model = eager_twin(model, arch)
     batch = padded_batch()
@@ -137,6 +150,7 @@ def test_matches_softmax_reference(arch, impl, layers, monkeypatch):
 
     with attention_temperature(model, TAU, layers) as handle:
         assert handle.layers == selected
+        assert handle.routes == dict.fromkeys(selected, route)
         tempered = logits(model, batch)
 
     assert (tempered - expected).abs().max() <= ATOL  # padded positions included
@@ -144,7 +158,7 @@ def test_matches_softmax_reference(arch, impl, layers, monkeypatch):
     assert (tempered - plain)[valid].abs().max() > 1e-2  # τ really changed the model
 
 
-@pytest.mark.parametrize("arch", ["gemma2"])
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
 def test_softcap_is_scaled_per_layer(arch):
     """Gemma-2: the cap of tempered layers becomes cap/τ; other layers and the config keep cap."""
     model = build(arch)
@@ -283,13 +297,13 @@ def test_generate_matches_repeated_full_forwards(arch):
 def test_large_temperature_gives_uniform_attention(arch):
     model = build(arch)
     input_ids = torch.randint(4, 600, (1, 8), generator=torch.Generator().manual_seed(5))
-    causal = torch.tril(torch.ones(8, 8))
-    uniform = causal / causal.sum(-1, keepdim=True)
     with torch.no_grad():
         plain = model(input_ids=input_ids, output_attentions=True).attentions
         with attention_temperature(model, 1e6, [0, 2]):
             smooth = model(input_ids=input_ids, output_attentions=True).attentions
     for i in (0, 2):
+        visible = (plain[i][0] > 0).float()  # causal, and within the window of sliding layers
+        uniform = visible / visible.sum(-1, keepdim=True)
         assert (smooth[i][0] - uniform).abs().max() < 1e-4
         assert (plain[i][0] - uniform).abs().max() > 0.05
 
@@ -345,14 +359,56 @@ def test_empty_layer_list_tempers_nothing():
     assert torch.equal(logits(model, batch), plain)
 
 
-def test_rejects_unrecognised_query_path():
+def test_rejects_unrecognised_query_path(monkeypatch):
     import transformers
 
-    config = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2)
-    model = transformers.GPT2LMHeadModel(config)
+    monkeypatch.setattr(attention, "SCALING_ROUTE", False)
+    model = build("gpt2")
+    for layer in decoder_layers(model):
+        self_attention(layer).c_attn.nf += 1  # a fused layout the query route does not know
     before = hook_state(model)
-    with pytest.raises(TypeError, match=r"GPT2LMHeadModel.*Supported: Llama"):
+    with pytest.raises(TypeError, match=r"GPT2LMHeadModel: cannot find the query.*exactly"):
         attention_temperature(model, TAU)
+    assert hook_state(model) == before
+
+    config = transformers.FalconConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, alibi=True
+    )
+    falcon = transformers.FalconForCausalLM(config)
+    before = hook_state(falcon)
+    monkeypatch.setattr(attention, "SCALING_ROUTE", True)
+    with pytest.raises(TypeError, match=r"FalconForCausalLM: .*ALiBi.*cannot be exact"):
+        attention_temperature(falcon, TAU)
+    assert hook_state(falcon) == before
+
+
+def test_scaling_route_on_new_transformers():
+    """On transformers >= 4.48 every module with its own `scaling` is tempered through it."""
+    model = build("llama")
+    scales = (
+        [self_attention(layer).scaling for layer in decoder_layers(model)]
+        if (attention.SCALING_ROUTE)
+        else None
+    )
+    with attention_temperature(model, 4.0, [0, 2]) as handle:
+        expected = "scaling" if attention.SCALING_ROUTE else "query"
+        assert handle.routes == {0: expected, 2: expected}
+        if scales is not None:
+            now = [self_attention(layer).scaling for layer in decoder_layers(model)]
+            assert now == [scales[0] / 4.0, scales[1], scales[2] / 4.0]
+            with handle.paused():
+                assert [self_attention(la).scaling for la in decoder_layers(model)] == scales
+    if scales is not None:
+        assert [self_attention(layer).scaling for layer in decoder_layers(model)] == scales
+
+
+@pytest.mark.parametrize("layers", ["15", "1", 2.0, [1.5], ["0"], [True]])
+def test_rejects_non_integer_layer_ids(layers):
+    """A string is not read character by character ("15" used to temper layers 1 and 5)."""
+    model = build("llama")
+    before = hook_state(model)
+    with pytest.raises(ValueError, match=r"integer"):
+        attention_temperature(model, TAU, layers)
     assert hook_state(model) == before
 
 

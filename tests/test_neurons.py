@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ARCHITECTURES, tiny_causal_lm
+from conftest import GATED_MLP_ARCHITECTURES, tiny_causal_lm
 
 from asu_simu_plugin.arch import decoder_layers, down_projection
 from asu_simu_plugin.neurons import (
@@ -166,7 +166,7 @@ def test_batches_without_answers_are_skipped():
         torch.testing.assert_close(mixed[layer], alone[layer])
 
 
-@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+@pytest.mark.parametrize("arch", GATED_MLP_ARCHITECTURES)
 def test_every_gated_architecture_matches_the_brute_force_loop(arch):
     model = sharpened(arch)
     batch = make_batch()
