@@ -45,6 +45,36 @@ def token_kl(target_logits: torch.Tensor, model_logits: torch.Tensor) -> torch.T
     return F.kl_div(model, target, reduction="none", log_target=True).sum(dim=-1)
 
 
+def suppress_end_of_answer(
+    teacher_logits: torch.Tensor, labels: torch.Tensor, end_token_ids
+) -> torch.Tensor:
+    """The teacher's logits with the end-of-answer token(s) removed where the answer goes on.
+
+    At every position whose logits predict an answer token that comes before the answer's first
+    end token (eos / end-of-turn), the end tokens get probability 0 and the other tokens keep
+    their relative probabilities (renormalised: p'_v = p_v / (1 − Σ_end p)). Positions predicting
+    the end token itself, anything after it, and non-answer positions are unchanged. Why: a
+    smoothed teacher that puts its mass on ending the turn at once would teach the student to
+    answer forget questions with silence; the student should learn a fluent non-answer instead.
+
+    Returns fp32 logits of the same shape; a removed token's logit is the most negative finite
+    float, so `token_kl` stays finite (its probability is exactly 0).
+    """
+    logits = teacher_logits.detach().float().clone()
+    ids = torch.as_tensor(list(end_token_ids), dtype=torch.long, device=logits.device)
+    if ids.numel() == 0:
+        return logits
+    targets = labels[:, 1:]
+    answer = targets != IGNORE_INDEX
+    is_end = torch.isin(targets, ids) & answer
+    before_end = answer & (is_end.long().cumsum(dim=1) == 0)
+    positions = torch.zeros(labels.shape, dtype=torch.bool, device=logits.device)
+    positions[:, :-1] = before_end
+    columns = logits[..., ids]
+    logits[..., ids] = columns.masked_fill(positions.unsqueeze(-1), torch.finfo(logits.dtype).min)
+    return logits
+
+
 def asu_distillation_loss(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor
 ) -> torch.Tensor:

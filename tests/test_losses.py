@@ -207,3 +207,56 @@ def test_masked_hidden_mse():
     loss.backward()
     assert target.grad is None  # the target is fixed
     assert hidden.grad[1, 1:].abs().sum() == 0  # padding positions get no gradient
+
+
+# -- teacher_eos: suppress ------------------------------------------------------------------------
+def test_suppress_end_of_answer_against_hand_renormalisation():
+    """Word 2 plays the end token. Row 0's answer is (1, 2): the position predicting 1 (t=1) is
+    suppressed, the one predicting the end token (t=2) is not. Row 1's answer (0, 2, 1) ends
+    early: only t=0 (predicting 0) is before the end. Row 2 has no answer: unchanged."""
+    suppressed = losses.suppress_end_of_answer(TEACHER, LABELS, [2])
+    assert suppressed.shape == TEACHER.shape and suppressed.dtype == torch.float32
+    changed = {(0, 1), (1, 0)}
+    for b in range(B):
+        for t in range(T):
+            p = softmax(TEACHER[b, t].tolist())
+            got = torch.softmax(suppressed[b, t], -1).tolist()
+            if (b, t) in changed:
+                expected = [p[0] / (1 - p[2]), p[1] / (1 - p[2]), 0.0]
+            else:
+                expected = p
+            assert got == pytest.approx(expected, abs=1e-7), (b, t)
+
+    # The ASU loss on the suppressed teacher: the hand KL with the renormalised distributions.
+    def renormalised(b, t):
+        p = softmax(TEACHER[b, t].tolist())
+        return [p[0] / (1 - p[2]), p[1] / (1 - p[2]), 0.0] if (b, t) in changed else p
+
+    def position_loss(b, t):
+        q = softmax(STUDENT[b, t].tolist())
+        return sum(
+            pi * math.log(pi / qi) for pi, qi in zip(renormalised(b, t), q, strict=True) if pi > 0
+        )
+
+    per_sequence = [
+        sum(position_loss(b, t) for t in answer_positions(b)) / len(answer_positions(b))
+        for b in (0, 1)
+    ]
+    loss = losses.asu_distillation_loss(STUDENT, suppressed, LABELS)
+    assert torch.isfinite(loss)
+    assert loss.item() == pytest.approx(sum(per_sequence) / 2, rel=1e-6)
+
+
+def test_suppress_end_of_answer_edge_cases():
+    assert torch.equal(losses.suppress_end_of_answer(TEACHER, LABELS, []), TEACHER)
+    # A teacher certain of the end token: after suppression the rest is renormalised and the
+    # student's loss and gradient stay finite.
+    certain = torch.tensor([[[0.0, 0.0, 60.0], [0.0, 0.0, 60.0], [0.0, 0.0, 0.0]]])
+    labels = torch.tensor([[-100, 1, 2]])
+    out = losses.suppress_end_of_answer(certain.bfloat16(), labels, torch.tensor([2]))
+    assert torch.softmax(out[0, 0], -1).tolist() == pytest.approx([0.5, 0.5, 0.0])
+    assert torch.softmax(out[0, 1], -1)[2] == pytest.approx(1.0)  # predicts the end: kept
+    student = torch.zeros(1, 3, 3, requires_grad=True)
+    loss = losses.asu_distillation_loss(student, out, labels)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
