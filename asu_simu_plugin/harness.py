@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+from asu_simu_plugin.lora import SharedReferenceMixin
 from asu_simu_plugin.methods import METHODS, lazy_trainer_classes
 from asu_simu_plugin.methods.base import TrainerCompatMixin
 
@@ -25,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 ENV_VAR = "OPEN_UNLEARNING_SRC"
 TRAINER_NAMES = tuple(METHODS)
-MODEL_HANDLERS = ("TemperedCausalLM",)
+MODEL_HANDLERS = ("TemperedCausalLM", "LoRACausalLM")
 OPTIMIZER_NAMES = ("SophiaG",)
 
 
@@ -96,7 +97,11 @@ def _bases() -> dict[str, type]:
 
 # ASU, SIMU, SOGradDiff, SONPO on the harness's own bases (built on first access; these
 # `asu_simu_plugin.harness:<Name>` objects are what our `open_unlearning.trainers` entry points name).
-__getattr__ = lazy_trainer_classes(__name__, _bases, front=(TrainerCompatMixin,))
+# SharedReferenceMixin: on a LoRA model the KL / NPO reference is the student's own base weights
+# with the adapters off, where the harness's `_prepare_ref_model` would deep-copy the model.
+__getattr__ = lazy_trainer_classes(
+    __name__, _bases, front=(TrainerCompatMixin, SharedReferenceMixin)
+)
 
 
 def _register_into(registry: dict, name: str, obj) -> bool:
@@ -120,14 +125,15 @@ def _plugin_objects():
     module = sys.modules[__name__]
     for name in TRAINER_NAMES:
         yield "TRAINER_REGISTRY", "trainer", name, lambda name=name: getattr(module, name)
-    yield "MODEL_REGISTRY", "model", "TemperedCausalLM", _tempered_causal_lm
+    for name in MODEL_HANDLERS:
+        yield "MODEL_REGISTRY", "model", name, lambda name=name: _model_handler(name)
     yield "OPTIMIZER_REGISTRY", "trainer", "SophiaG", _sophia
 
 
-def _tempered_causal_lm():
-    from asu_simu_plugin.models import TemperedCausalLM
+def _model_handler(name: str):
+    from asu_simu_plugin import models
 
-    return TemperedCausalLM
+    return getattr(models, name)
 
 
 def _sophia():

@@ -13,6 +13,7 @@ import torch
 from transformers import Trainer
 
 from asu_simu_plugin import losses
+from asu_simu_plugin.lora import FrozenReference, peft_model_of
 from asu_simu_plugin.methods import lazy_trainer_classes
 from asu_simu_plugin.methods.base import TrainerCompatMixin, model_inputs, validate_weights
 
@@ -49,6 +50,9 @@ class StandaloneGradDiff(TrainerCompatMixin, Trainer):
             self.ref_model = self._prepare_ref_model(self.model)
 
     def _prepare_ref_model(self, model):
+        shared = peft_model_of(model)
+        if shared is not None:  # LoRA: the base weights with the adapters off, no copy
+            return FrozenReference(shared)
         if self.is_deepspeed_enabled:
             raise NotImplementedError(
                 "the standalone trainers do not wrap a frozen reference model in DeepSpeed; run "

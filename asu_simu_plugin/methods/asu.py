@@ -6,11 +6,14 @@ The student (the model being trained, always at τ = 1) is distilled on forget d
 model recall a fact, so matching it removes the fact while keeping the output fluent.
 
 One frozen copy of the original does both jobs: tempered on forget batches, paused (exactly the
-original) for the KL / embedding retain losses.
+original) for the KL / embedding retain losses. On a LoRA model there is no copy at all: the
+teacher is the student's own base weights with the adapters disabled, the temperature attached
+only for the duration of the teacher's forward.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -18,6 +21,7 @@ import torch
 from asu_simu_plugin import losses
 from asu_simu_plugin.arch import decoder_layers, resolve_layer_ids, unwrap_model
 from asu_simu_plugin.attention import attention_temperature
+from asu_simu_plugin.lora import is_lora_model, plain_model
 from asu_simu_plugin.methods.base import UnlearnMethodMixin, freeze_all_but, model_inputs
 
 FORGET_LOSS_TYPES = ("KL", "EMBED_MSE")
@@ -31,7 +35,7 @@ def _capture_layer_output(model, layer_id: int, inputs: dict) -> torch.Tensor:
     def keep(_module, _args, output):
         captured.append(output[0] if isinstance(output, tuple) else output)
 
-    handle = decoder_layers(model)[layer_id].register_forward_hook(keep)
+    handle = decoder_layers(plain_model(model))[layer_id].register_forward_hook(keep)
     try:
         model(**inputs)
     finally:
@@ -90,24 +94,51 @@ class ASUMixin(UnlearnMethodMixin):
         self.forget_loss_type = forget_loss_type
         uses_embeddings = "EMBED_MSE" in (forget_loss_type, retain_type)
         if uses_embeddings:
-            resolve_layer_ids([embed_layer], len(decoder_layers(self.model)))
+            resolve_layer_ids([embed_layer], len(decoder_layers(plain_model(self.model))))
         self.embed_layer = int(embed_layer)
-        # The teacher: the single frozen copy of the original, tempered from now on.
-        self.teacher_temperature = attention_temperature(
-            unwrap_model(self.original_model()), self.temperature, layers
-        )
-        self.layers = self.teacher_temperature.layers
+        if is_lora_model(self.model):
+            # The teacher shares the student's modules: tempered only inside `teacher()`.
+            self.teacher_temperature = None
+            self.original_model()  # a `FrozenReference`: the adapters switched off, no copy
+            self.layers = resolve_layer_ids(layers, len(decoder_layers(plain_model(self.model))))
+        else:
+            # The teacher: the single frozen copy of the original, tempered from now on.
+            self.teacher_temperature = attention_temperature(
+                unwrap_model(self.original_model()), self.temperature, layers
+            )
+            self.layers = self.teacher_temperature.layers
         if trainable_params_regex:
             freeze_all_but(self.model, trainable_params_regex)
 
-    # -- the frozen copy in its two roles -------------------------------------------------------
+    # -- the frozen original in its two roles ---------------------------------------------------
+    @contextlib.contextmanager
+    def teacher(self):
+        """The tempered original (the copy, or on LoRA the adapter-disabled student)."""
+        original = self.original_model()
+        if self.teacher_temperature is None:
+            with attention_temperature(original, self.temperature, self.layers):
+                yield original
+        else:
+            yield original
+
+    @contextlib.contextmanager
+    def reference(self):
+        """The untempered original (for the KL / embedding retain losses)."""
+        original = self.original_model()
+        if self.teacher_temperature is None:
+            yield original
+        else:
+            with self.teacher_temperature.paused():
+                yield original
+
     @torch.no_grad()
     def teacher_logits(self, inputs: dict) -> torch.Tensor:
-        return self.original_model()(**inputs).logits
+        with self.teacher() as teacher:
+            return teacher(**inputs).logits
 
     def reference_logits(self, inputs: dict) -> torch.Tensor:
-        with self.teacher_temperature.paused():
-            return self.original_model()(**inputs).logits
+        with self.reference() as original:
+            return original(**inputs).logits
 
     # -- losses --------------------------------------------------------------------------------
     def forget_objective(self, model, forget: dict):
@@ -118,8 +149,8 @@ class ASUMixin(UnlearnMethodMixin):
             return loss, outputs
         inputs = model_inputs(forget, with_labels=False)
         student_hidden = _capture_layer_output(model, self.embed_layer, inputs)
-        with torch.no_grad():
-            teacher_hidden = _capture_layer_output(self.original_model(), self.embed_layer, inputs)
+        with torch.no_grad(), self.teacher() as teacher:
+            teacher_hidden = _capture_layer_output(teacher, self.embed_layer, inputs)
         loss = losses.masked_hidden_mse(student_hidden, teacher_hidden, inputs["attention_mask"])
         return loss, None
 
@@ -128,8 +159,8 @@ class ASUMixin(UnlearnMethodMixin):
             return super().retain_objective(model, retain_inputs)
         inputs = model_inputs(retain_inputs, with_labels=False)
         hidden = _capture_layer_output(model, self.embed_layer, inputs)
-        with torch.no_grad(), self.teacher_temperature.paused():
-            original = _capture_layer_output(self.original_model(), self.embed_layer, inputs)
+        with torch.no_grad(), self.reference() as reference:
+            original = _capture_layer_output(reference, self.embed_layer, inputs)
         return losses.masked_hidden_mse(hidden, original, inputs["attention_mask"])
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
