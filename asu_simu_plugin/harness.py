@@ -137,7 +137,9 @@ def _model_handler(name: str):
 
 
 def _sophia():
-    from asu_simu_plugin.sophia import SophiaG
+    # A trainer that only calls step() would leave SophiaG's Hessian at 0 (sign momentum): the
+    # registry's SophiaG refreshes it from the loss gradient (grad2) unless told otherwise.
+    from asu_simu_plugin.optimizers import SophiaG
 
     return SophiaG
 

@@ -26,7 +26,9 @@ class SophiaG(Optimizer):
     ``update_hessian()`` folds the current ``.grad`` squared into ``h ← β₂ · h + (1 − β₂) · grad²``.
     For Sophia-G call it right after back-propagating the mean cross-entropy of labels sampled from
     the model (every k = 10 steps in the paper); ``bs`` is the number of those labels: the stored
-    EMA lacks that factor and it is applied at step time, as in the reference. Until the first
+    EMA lacks that factor and it is applied at step time, as in the reference, unless it is given
+    to ``update_hessian(bs=...)``, which folds each batch's own factor in (then step with
+    ``bs=1``; batches of different sizes are weighted correctly). Until the first
     Hessian estimate, h = 0 and every coordinate takes a sign step of size ``lr``.
 
     Options, all per parameter group: ``lr``, ``betas``, ``rho``, ``weight_decay``, ``bs`` (also
@@ -166,8 +168,16 @@ class SophiaG(Optimizer):
 
     # -- Hessian -------------------------------------------------------------------------------
     @torch.no_grad()
-    def update_hessian(self) -> None:
-        """h ← β₂·h + (1 − β₂)·grad² for every parameter with a gradient (masks respected)."""
+    def update_hessian(self, bs: float | None = None) -> None:
+        """h ← β₂·h + (1 − β₂)·grad² for every parameter with a gradient (masks respected).
+
+        With `bs` (the number of sampled labels behind this gradient) the estimate folded in is
+        bs·grad², Sophia-G's ĥ = B·ĝ⊙ĝ of this batch, so estimates from batches of different
+        sizes keep their own factor; then step with ``bs=1``. Without it the factor is left to
+        step time (``bs`` of the group), as in the reference code.
+        """
+        if bs is not None and not bs > 0:
+            raise ValueError(f"update_hessian(bs={bs}): bs must be > 0 (sampled label tokens)")
         for group in self.param_groups:
             beta2 = group["betas"][1]
             for p in group["params"]:
@@ -178,7 +188,11 @@ class SophiaG(Optimizer):
                 mask = _aligned_mask(state.get("mask"), p)
                 for part in self._parts(p):
                     _fold_hessian(
-                        part(state["hessian"]), _fp32(part(p.grad)), beta2, _mask_part(mask, part)
+                        part(state["hessian"]),
+                        _fp32(part(p.grad)),
+                        beta2,
+                        _mask_part(mask, part),
+                        scale=1.0 if bs is None else float(bs),
                     )
 
     # -- step ----------------------------------------------------------------------------------
@@ -328,11 +342,12 @@ def _mask_part(mask: torch.Tensor | None, part) -> torch.Tensor | None:
     return part(mask)
 
 
-def _fold_hessian(hessian, grad, beta2: float, mask) -> None:
+def _fold_hessian(hessian, grad, beta2: float, mask, scale: float = 1.0) -> None:
+    value = (1 - beta2) * scale
     if mask is None:
-        hessian.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        hessian.mul_(beta2).addcmul_(grad, grad, value=value)
     else:
-        folded = hessian.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+        folded = hessian.mul(beta2).addcmul_(grad, grad, value=value)
         torch.where(mask, folded, hessian, out=hessian)
 
 

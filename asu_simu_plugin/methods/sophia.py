@@ -5,9 +5,11 @@ estimate fresh, in one of two modes (`hessian_mode`):
 
 - ``"gnb"`` — Sophia-G as published: every `hessian_interval` optimizer steps, labels are sampled
   from the model's own softmax at the batch's answer positions, the mean cross-entropy of those
-  labels is back-propagated, and `update_hessian()` folds that squared gradient into the EMA;
-  `bs` = number of sampled label tokens. The training gradient is stashed and restored around
-  this pass, so it never leaks into the update.
+  labels is back-propagated, and `update_hessian(bs=B)` folds B·ĝ² into the EMA,
+  B = the number of sampled label tokens of that batch on all ranks. The pass runs before the
+  step's first micro-batch; under DDP it is always all-reduced (also inside accumulation's
+  `no_sync`) and scaled so that W processes estimate what one process would on the same global
+  batch.
 - ``"grad2"`` — SOUL: the EMA of the squared gradient of the actual unlearning loss, every step.
   With `soul_compat=True` SOUL's published quirks are reproduced too (see `SophiaG`).
 
@@ -88,9 +90,58 @@ class SophiaMixin:
         """{parameter name: bool mask} applied in SophiaG (SIMU's neuron masks)."""
         return {}
 
+    def _requested_optimizer(self):
+        """(class, kwargs) a `trainer.optimizer` config asked for, or None.
+
+        The harness's optimizer registry (patches/) replaces `get_optimizer_cls_and_kwargs` on
+        the trainer; transformers >= 4.48 also takes `optimizer_cls_and_kwargs=` directly.
+        """
+        override = self.__dict__.get("get_optimizer_cls_and_kwargs")
+        if override is not None:
+            return override(self.args, self.model)
+        return getattr(self, "optimizer_cls_and_kwargs", None)
+
+    def _sophia_options(self) -> dict:
+        """SophiaG's options: the method arguments, overridden by a `trainer.optimizer: SophiaG`."""
+        options = dict(
+            lr=self.args.learning_rate,
+            betas=self.sophia_betas,
+            rho=self.sophia_rho,
+            weight_decay=self.args.weight_decay,
+            bs=self.sophia_bs,
+        )
+        requested = self._requested_optimizer()
+        if requested is None:
+            return options
+        cls, kwargs = requested
+        name = getattr(cls, "__name__", repr(cls))
+        if not (isinstance(cls, type) and issubclass(cls, SophiaG)):
+            raise ValueError(
+                f"{type(self).__name__} optimises with SophiaG, so trainer.optimizer={name} "
+                "cannot be honoured: drop trainer.optimizer (set betas / rho / hessian_mode in "
+                "method_args), or use trainer=GradDiff / NPO for a first-order optimizer"
+            )
+        kwargs = dict(kwargs)
+        unknown = set(kwargs) - {*options, "hessian_source", "auto_hessian"}
+        if unknown:
+            raise ValueError(
+                f"trainer.optimizer.args {sorted(unknown)} are not SophiaG options for "
+                f"{type(self).__name__}; use lr, betas, rho, weight_decay, bs"
+            )
+        if kwargs.pop("auto_hessian", None) is not None or kwargs.pop("hessian_source", None):
+            raise ValueError(
+                f"{type(self).__name__} chooses the Hessian source with method_args.hessian_mode "
+                "(gnb | grad2); drop hessian_source / auto_hessian from trainer.optimizer.args"
+            )
+        options.update(kwargs)
+        if "weight_decay" in kwargs:
+            self.args.weight_decay = kwargs["weight_decay"]
+        return options
+
     def create_optimizer(self):
         if self.optimizer is not None:
             return self.optimizer
+        options = self._sophia_options()
         model = unwrap_model(self.model)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
@@ -98,17 +149,19 @@ class SophiaMixin:
         decay = [p for n, p in named if not is_no_decay_parameter(n, p)]
         no_decay = [p for n, p in named if is_no_decay_parameter(n, p)]
         groups = [
-            {"params": decay, "weight_decay": self.args.weight_decay},
+            {"params": decay, "weight_decay": options["weight_decay"]},
             {"params": no_decay, "weight_decay": 0.0},
         ]
-        default_bs = 5120 if self.sophia_bs is None else self.sophia_bs
+        bs = options.pop("bs")
+        self._fixed_bs = bs is not None
+        if bs is None:
+            # gnb: each estimate carries its own batch's label count (update_hessian(bs=...));
+            # grad2: SOUL's fixed 5120 (the reference default).
+            bs = 1 if self.hessian_mode == "gnb" else 5120
         self.optimizer = SophiaG(
             [g for g in groups if g["params"]],
-            lr=self.args.learning_rate,
-            betas=self.sophia_betas,
-            rho=self.sophia_rho,
-            weight_decay=self.args.weight_decay,
-            bs=default_bs,
+            **options,
+            bs=bs,
             auto_hessian=self.hessian_mode == "grad2",
             soul_compat=self.soul_compat,
         )
@@ -127,11 +180,12 @@ class SophiaMixin:
         )
 
     def training_step(self, model, inputs, *args, **kwargs):
-        loss = super().training_step(model, inputs, *args, **kwargs)
+        # The pass runs before the step's first micro-batch, on that micro-batch: the parameters
+        # are those the update will start from, and no training gradient is held yet.
         if self._hessian_due():
             self._last_hessian_step = self.state.global_step
             self.gauss_newton_bartlett_update(model, inputs)
-        return loss
+        return super().training_step(model, inputs, *args, **kwargs)
 
     def _sampled_label_loss(self, model, batch: dict) -> tuple[torch.Tensor, int]:
         """Summed CE of labels drawn from the model's own softmax at the answer positions."""
@@ -142,37 +196,54 @@ class SophiaMixin:
             return logits.sum() * 0.0, 0
         chosen = logits[positions].float()
         with torch.no_grad():
-            sampled = torch.multinomial(torch.softmax(chosen, dim=-1), 1).squeeze(-1)
+            sampled = self.sample_labels(chosen)
         loss = torch.nn.functional.cross_entropy(chosen, sampled, reduction="sum")
         return loss, int(positions.sum())
 
+    @staticmethod
+    def sample_labels(logits: torch.Tensor) -> torch.Tensor:
+        """One label per row of `logits`, drawn from its softmax (Sophia-G's ŷ ~ p_θ)."""
+        return torch.multinomial(torch.softmax(logits, dim=-1), 1).squeeze(-1)
+
     def gauss_newton_bartlett_update(self, model, inputs) -> None:
-        """Refresh the Hessian EMA with ĥ = grad² of the sampled-label CE (training grads kept)."""
+        """Fold ĥ = B·ĝ² into the Hessian EMA, ĝ the gradient of the sampled-label mean CE over
+        the B answer tokens of this step's batch on every rank (training gradients kept)."""
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         stashed = [None if p.grad is None else p.grad.clone() for p in params]
         for p in params:
             p.grad = None
         batches = [inputs[k] for k in ("forget", "retain") if k in inputs] or [inputs]
-        total, tokens = None, 0
-        for batch in batches:
-            loss, count = self._sampled_label_loss(model, batch)
-            total = loss if total is None else total + loss
-            tokens += count
-        if tokens == 0:
-            raise ValueError("the Hessian batch has no answer tokens (all labels are -100)")
-        if self.accelerator.num_processes > 1:
-            # DDP averages the gradient over ranks, so ĥ stands for every rank's labels.
-            count = torch.tensor(float(tokens), device=self.accelerator.device)
-            tokens = int(self.accelerator.reduce(count, reduction="sum").item())
-        # Plain backward: accelerate's would divide by the accumulation steps (ĥ is per batch).
-        # Under DDP the backward through the wrapped model all-reduces (averages) it as usual.
-        (total / tokens).backward()
+        world = self.accelerator.num_processes
+        # DDP all-reduces only outside `no_sync`, which accelerate puts around every micro-batch
+        # but the last of an accumulation cycle: this pass must always be reduced.
+        sync = getattr(model, "require_backward_grad_sync", None)
+        if sync is False:
+            model.require_backward_grad_sync = True
+        try:
+            total, tokens = None, 0
+            for batch in batches:
+                loss, count = self._sampled_label_loss(model, batch)
+                total = loss if total is None else total + loss
+                tokens += count
+            if world > 1:
+                count = torch.tensor(float(tokens), device=self.accelerator.device)
+                tokens = int(self.accelerator.reduce(count, reduction="sum").item())
+            if tokens == 0:
+                raise ValueError("the Hessian batch has no answer tokens (all labels are -100)")
+            # ĝ = ∇ Σ_ranks CE / B. DDP averages over the ranks, hence the factor W. A plain
+            # backward: accelerate's would divide by the accumulation steps (ĥ is per batch).
+            (total * (world / tokens)).backward()
+        finally:
+            if sync is False:
+                model.require_backward_grad_sync = sync
         if self.args.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm)
-        self.optimizer_for_hessian().update_hessian()
-        if self.sophia_bs is None:
-            for group in self.optimizer_for_hessian().param_groups:
-                group["bs"] = tokens
+        optimizer = self.optimizer_for_hessian()
+        if self._fixed_bs:
+            optimizer.update_hessian()  # the user's fixed bs applies at step time
+        else:
+            optimizer.update_hessian(bs=tokens)
+        self.hessian_tokens = tokens
         for p, grad in zip(params, stashed, strict=True):
             p.grad = grad
         self._hessian_updates += 1
