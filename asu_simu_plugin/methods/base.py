@@ -16,6 +16,7 @@ import torch
 from transformers import Trainer
 
 from asu_simu_plugin import losses
+from asu_simu_plugin.guards import NonFiniteGuardMixin, weights_only_loading
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "labels")
 RETAIN_LOSS_TYPES = ("NLL", "KL", "KL_ALL")
@@ -31,13 +32,14 @@ def _trainer_accepts(name: str) -> bool:
     return name in inspect.signature(Trainer.__init__).parameters
 
 
-class TrainerCompatMixin:
-    """Irons out the transformers API changes between 4.45.1 and 5.x for every trainer we build.
+class TrainerCompatMixin(NonFiniteGuardMixin):
+    """Irons out the transformers API changes between 4.45.1 and 5.x for every trainer we build,
+    and carries the safety rails of `asu_simu_plugin.guards` (stop on non-finite training).
 
     - `tokenizer=` became `processing_class=` (4.46) and was removed (5.0).
     - `compute_loss` gained `num_items_in_batch` (4.46); bases that predate it get it dropped.
-    - transformers < 4.50 reads the RNG state of its own checkpoints with `torch.load`'s default,
-      which torch >= 2.6 made `weights_only=True`: resuming then fails on the numpy RNG state.
+    - Resuming: transformers < 4.50 reads optimizer, scheduler and RNG state with `torch.load`'s
+      default (a full unpickler on torch < 2.6); every checkpoint read here is weights-only.
     """
 
     def __init__(self, *args, **kwargs):
@@ -45,18 +47,26 @@ class TrainerCompatMixin:
             kwargs["processing_class"] = kwargs.pop("tokenizer")
         super().__init__(*args, **kwargs)
 
-    def _load_rng_state(self, checkpoint):
-        original = torch.load
+    # Every method of Trainer that reads checkpoint files (`_load_scaler` exists from 4.5x).
+    def _load_from_checkpoint(self, *args, **kwargs):
+        with weights_only_loading():
+            return super()._load_from_checkpoint(*args, **kwargs)
 
-        def load_own_checkpoint(*args, **kwargs):
-            kwargs.setdefault("weights_only", False)  # our own checkpoint, written by this trainer
-            return original(*args, **kwargs)
+    def _load_optimizer_and_scheduler(self, *args, **kwargs):
+        with weights_only_loading():
+            return super()._load_optimizer_and_scheduler(*args, **kwargs)
 
-        torch.load = load_own_checkpoint
-        try:
-            return super()._load_rng_state(checkpoint)
-        finally:
-            torch.load = original
+    def _load_rng_state(self, *args, **kwargs):
+        with weights_only_loading():
+            return super()._load_rng_state(*args, **kwargs)
+
+    def _load_scaler(self, *args, **kwargs):
+        with weights_only_loading():
+            return super()._load_scaler(*args, **kwargs)
+
+    def _load_best_model(self, *args, **kwargs):
+        with weights_only_loading():
+            return super()._load_best_model(*args, **kwargs)
 
     @property
     def tokenizer_or_processor(self):
