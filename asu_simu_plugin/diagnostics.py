@@ -60,6 +60,82 @@ def greedy_answer(
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
+def end_token_ids(tokenizer, model=None, label_ids=()) -> list[int]:
+    """The tokens that end an answer: eos (tokenizer, config, generation config) and every special
+    token occurring in the answers' labels (a chat template's end-of-turn, e.g. `<|im_end|>`)."""
+    ids: set[int] = set()
+
+    def add(value):
+        if isinstance(value, int) and not isinstance(value, bool):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            for item in value:
+                add(item)
+
+    if tokenizer is not None:
+        add(tokenizer.eos_token_id)
+        special = set(tokenizer.all_special_ids)
+        add([int(i) for i in set(map(int, label_ids)) if int(i) in special])
+    if model is not None:
+        add(getattr(model.config, "eos_token_id", None))
+        add(getattr(getattr(model, "generation_config", None), "eos_token_id", None))
+    return sorted(ids)
+
+
+def first_answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """[B] index of the position whose logits predict each sequence's first answer token (-1:
+    no answer)."""
+    answer = labels[:, 1:] != IGNORE_INDEX
+    first = answer.float().argmax(dim=1)
+    return torch.where(answer.any(dim=1), first, torch.full_like(first, -1))
+
+
+def end_probability_at_first_answer_token(logits, labels, end_ids) -> torch.Tensor:
+    """[N] probability the model puts on ending the answer where the answer should begin
+    (sequences without an answer are left out)."""
+    position = first_answer_positions(labels)
+    rows = torch.nonzero(position >= 0).squeeze(1)
+    probs = torch.softmax(logits[rows, position[rows]].float(), dim=-1)
+    ids = torch.as_tensor(list(end_ids), dtype=torch.long, device=probs.device)
+    return probs[:, ids].sum(dim=-1)
+
+
+@torch.no_grad()
+def greedy_continuations(model, items, end_ids, max_new_tokens: int = 8) -> list[list[int]]:
+    """Greedy answer token ids for tokenised examples (their prompt = the tokens before the first
+    answer label), stopping at an end token (not included)."""
+    model.eval()
+    device = next(model.parameters()).device
+    outputs = []
+    for item in items:
+        labels = item["labels"]
+        answer = torch.nonzero(labels != IGNORE_INDEX)
+        start = int(answer[0]) if len(answer) else int(item["attention_mask"].sum())
+        ids = item["input_ids"][:start].unsqueeze(0).to(device)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=list(end_ids) or None,
+            pad_token_id=(list(end_ids) or [0])[0],
+        )
+        tokens = out[0, ids.shape[1] :].tolist()
+        for index, token in enumerate(tokens):
+            if token in end_ids:
+                tokens = tokens[:index]
+                break
+        outputs.append(tokens)
+    return outputs
+
+
+def is_empty_answer(tokens: list[int], tokenizer=None) -> bool:
+    """No visible text: nothing before the end token, or only special tokens and whitespace."""
+    if tokenizer is None:
+        return not tokens
+    return not tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+
 def token_entropy(token_ids: list[int]) -> float:
     """Entropy (nats) of the empirical token distribution of a generation: low = repetitive."""
     if not token_ids:

@@ -36,8 +36,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
+import json
+import logging
 import math
+import sys
+import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -47,6 +53,8 @@ from asu_simu_plugin.attention import attention_temperature
 from asu_simu_plugin.data import QADataset
 from asu_simu_plugin.diagnostics import batches, token_nll
 from asu_simu_plugin.losses import IGNORE_INDEX
+
+logger = logging.getLogger(__name__)
 
 STOP_WORDS = frozenset(
     """a about above after again against all am an and any are as at be because been before
@@ -369,3 +377,558 @@ def main(argv=None) -> int:
     )
     add_arguments(parser)
     return run(parser.parse_args(argv))
+
+
+# -- temperature: auto / layers: auto, and the collapse guard -------------------------------------
+AUTO = "auto"
+GRID_FIELDS = (
+    "tau",
+    "layers",
+    "content_nll",
+    "function_nll",
+    "end_probability",
+    "content_tokens",
+    "function_tokens",
+    "admissible",
+    "chosen",
+)
+
+
+@dataclass
+class AutoTemperatureConfig:
+    """Settings of the pass that picks ASU's τ and layers from the forget set (`tau_sweep:` in the
+    ASU method arguments). See `choose_temperature` for the rule."""
+
+    sample: int = field(default=16, metadata={"help": "forget rows measured (a seeded sample)"})
+    taus: tuple = field(
+        default=(1.5, 2.0, 2.3, 3.0, 4.0), metadata={"help": "τ values tried (each > 1)"}
+    )
+    layer_parts: tuple = field(
+        default=(3, 4),
+        metadata={"help": "layer blocks tried: consecutive thirds, quarters, ... plus all layers"},
+    )
+    function_budget: float = field(
+        default=0.5, metadata={"help": "nats the function-token NLL may rise (fluency)"}
+    )
+    max_end_probability: float = field(
+        default=0.1, metadata={"help": "largest P(end of answer) at the first answer token"}
+    )
+    content_rise: float = field(
+        default=1.0, metadata={"help": "content-token NLL rise (nats) reported as enough"}
+    )
+    batch_size: int = 8
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        self.taus = tuple(float(_check_positive(t, "tau_sweep.taus", above=1.0)) for t in self.taus)
+        self.layer_parts = tuple(
+            int(_check_positive(p, "tau_sweep.layer_parts")) for p in self.layer_parts
+        )
+        if not self.taus:
+            raise ValueError("tau_sweep.taus is empty: give τ values > 1, e.g. [1.5, 2, 2.3, 3]")
+        for name in ("sample", "batch_size"):
+            _check_positive(getattr(self, name), f"tau_sweep.{name}")
+        for name in ("function_budget", "max_end_probability", "content_rise"):
+            _check_positive(getattr(self, name), f"tau_sweep.{name}")
+
+
+@dataclass
+class CollapseGuardConfig:
+    """Settings of the check, before training, that the forget-teacher still answers
+    (`collapse_guard:` in the ASU method arguments; false switches it off)."""
+
+    sample: int = field(default=16, metadata={"help": "forget rows checked"})
+    max_end_probability: float = field(
+        default=0.2, metadata={"help": "warn above this P(end of answer) at the first token"}
+    )
+    max_empty_share: float = field(
+        default=0.2, metadata={"help": "warn above this share of empty greedy teacher answers"}
+    )
+    max_new_tokens: int = 8
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("sample", "max_new_tokens", "max_end_probability", "max_empty_share"):
+            _check_positive(getattr(self, name), f"collapse_guard.{name}")
+
+
+def _check_positive(value, name: str, above: float = 0.0):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a number > {above:g} (got {value!r})")
+    if value <= above:
+        raise ValueError(f"{name} must be > {above:g} (got {value!r})")
+    return value
+
+
+def _settings(cls, value, name: str):
+    if isinstance(value, cls):
+        return value
+    if value is None or value is True:
+        return cls()
+    try:
+        return cls(**dict(value))
+    except TypeError as error:
+        known = ", ".join(f.name for f in dataclasses.fields(cls))
+        raise ValueError(f"{name}: {error}; known keys: {known}") from None
+
+
+def layer_blocks(num_layers: int, parts=(3, 4)) -> list[list[int]]:
+    """All layers, then the model cut into `n` consecutive blocks for each n in `parts`."""
+    blocks = [list(range(num_layers))]
+    for n in parts:
+        n = min(int(n), num_layers)
+        edges = [round(i * num_layers / n) for i in range(n + 1)]
+        for start, stop in zip(edges, edges[1:], strict=False):
+            block = list(range(start, stop))
+            if block and block not in blocks:
+                blocks.append(block)
+    return blocks
+
+
+def layers_label(layer_ids, num_layers: int) -> str:
+    ids = list(layer_ids)
+    if ids == list(range(num_layers)):
+        return "all"
+    if ids and ids == list(range(ids[0], ids[-1] + 1)):
+        return f"{ids[0]}-{ids[-1]}" if len(ids) > 1 else str(ids[0])
+    return ",".join(map(str, ids))
+
+
+def sample_items(dataset, size: int, seed: int = 0) -> list[dict]:
+    """A seeded sample of tokenised examples (input_ids, attention_mask, labels as tensors)."""
+    count = len(dataset)
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:size]
+    keys = ("input_ids", "attention_mask", "labels")
+    return [{k: torch.as_tensor(dataset[int(i)][k]) for k in keys} for i in sorted(order.tolist())]
+
+
+@torch.no_grad()
+def measure_teacher(model, items, tau, layer_ids, function_ids, end_ids, batch_size=8) -> dict:
+    """Content/function answer NLL and P(end) at the first answer token, tempered (τ, layers)."""
+    from asu_simu_plugin.data import PadCollator
+    from asu_simu_plugin.diagnostics import end_probability_at_first_answer_token
+
+    device = next(model.parameters()).device
+    collate = PadCollator(0)  # padded positions are masked and carry label -100
+    function_ids = torch.as_tensor(function_ids, dtype=torch.long, device=device)
+    sums, counts, ends = {"content": 0.0, "function": 0.0}, {"content": 0, "function": 0}, []
+    with attention_temperature(model, float(tau), layer_ids):
+        for start in range(0, len(items), batch_size):
+            batch = {k: v.to(device) for k, v in collate(items[start : start + batch_size]).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            logits = logits.logits
+            nll = token_nll(logits, batch["labels"])
+            targets = batch["labels"][:, 1:]
+            answer = targets != IGNORE_INDEX
+            function = torch.isin(targets, function_ids) & answer
+            for kind, mask in (("content", answer & ~function), ("function", function)):
+                sums[kind] += float(nll[mask].sum())
+                counts[kind] += int(mask.sum())
+            ends += end_probability_at_first_answer_token(logits, batch["labels"], end_ids).tolist()
+    return {
+        "content_nll": sums["content"] / max(counts["content"], 1),
+        "function_nll": sums["function"] / max(counts["function"], 1),
+        "end_probability": sum(ends) / max(len(ends), 1),
+        "content_tokens": counts["content"],
+        "function_tokens": counts["function"],
+    }
+
+
+def sweep_grid(model, items, taus, blocks, function_ids, end_ids, batch_size=8, progress=True):
+    """One row per (τ, layer block), after the untempered baseline (τ = 1, all layers)."""
+    from tqdm.auto import tqdm
+
+    num_layers = len(decoder_layers(model))
+    settings = [(1.0, list(range(num_layers)))]
+    settings += [(float(t), block) for block in blocks for t in taus if float(t) != 1.0]
+    was_training = model.training
+    model.eval()
+    rows = []
+    try:
+        for tau, block in tqdm(settings, desc="ASU tau/layers sweep", disable=not progress):
+            measured = measure_teacher(model, items, tau, block, function_ids, end_ids, batch_size)
+            rows.append({"tau": tau, "layers": layers_label(block, num_layers), **measured})
+            rows[-1]["layer_ids"] = block
+    finally:
+        model.train(was_training)
+    return rows
+
+
+def choose_temperature(rows, config: AutoTemperatureConfig | None = None):
+    """The joint (τ, layers) rule of `temperature: auto` / `layers: auto`. Returns (row, reason).
+
+    Against the untempered baseline (τ = 1), every tempered setting has a content-token NLL rise
+    Δc (facts forgotten), a function-token NLL rise Δf (fluency lost) and P(end), the teacher's
+    probability of ending the answer at its first token (collapse into silence). A setting is
+    *admissible* when Δf ≤ `function_budget` and P(end) ≤ `max_end_probability`. Among admissible
+    settings the one with the largest Δc − Δf wins (facts removed most, beyond what fluency loses;
+    ties: smaller τ, then fewer layers). Why: ASU's teacher must stay a fluent speaker that no
+    longer knows the facts; a teacher that ends the turn or loses its function words teaches
+    silence or babble instead. If none is admissible, the setting that violates the limits least
+    (smallest max(Δf / function_budget, P(end) / max_end_probability)) is taken, with that reason.
+    """
+    config = config or AutoTemperatureConfig()
+    base = next(r for r in rows if math.isclose(r["tau"], 1.0))
+    candidates = []
+    for row in rows:
+        if row["tau"] <= 1.0:
+            row["admissible"] = False
+            continue
+        d_content = row["content_nll"] - base["content_nll"]
+        d_function = row["function_nll"] - base["function_nll"]
+        row["admissible"] = (
+            d_function <= config.function_budget
+            and row["end_probability"] <= config.max_end_probability
+        )
+        violation = max(
+            d_function / config.function_budget,
+            row["end_probability"] / config.max_end_probability,
+        )
+        size = len(row.get("layer_ids", ()))
+        candidates.append((row, d_content, d_function, violation, size))
+    if not candidates:
+        raise ValueError("the sweep has no τ > 1: give tau_sweep.taus values above 1")
+    admissible = [c for c in candidates if c[0]["admissible"]]
+    for row in rows:
+        row["chosen"] = False
+    if admissible:
+        row, d_content, d_function, _, _ = max(
+            admissible, key=lambda c: (round(c[1] - c[2], 6), -c[0]["tau"], -c[4])
+        )
+        enough = "reaches" if d_content >= config.content_rise else "falls short of"
+        reason = (
+            f"largest content-minus-function NLL rise among settings with function-token NLL "
+            f"rise <= {config.function_budget:g} and P(end) <= {config.max_end_probability:g}: "
+            f"content +{d_content:.2f} nats ({enough} {config.content_rise:g}), function "
+            f"{d_function:+.2f}, P(end) {row['end_probability']:.3f}"
+        )
+    else:
+        row, d_content, d_function, _, _ = min(candidates, key=lambda c: (c[3], c[0]["tau"], c[4]))
+        reason = (
+            f"no setting keeps function-token NLL rise <= {config.function_budget:g} and P(end) "
+            f"<= {config.max_end_probability:g}; the least violating one is taken (content "
+            f"+{d_content:.2f}, function {d_function:+.2f}, P(end) "
+            f"{row['end_probability']:.3f}): try smaller taus or teacher_eos=suppress"
+        )
+    row["chosen"] = True
+    return row, reason
+
+
+def plot_grid(rows, path, chosen=None) -> Path:
+    """PNG: Δ content NLL, Δ function NLL and P(end) against τ, one line per layer block."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = next(r for r in rows if math.isclose(r["tau"], 1.0))
+    blocks = list(dict.fromkeys(r["layers"] for r in rows if r["tau"] > 1.0))
+    panels = (
+        ("content_nll", "content-token NLL rise (nats)\n(facts forgotten)"),
+        ("function_nll", "function-token NLL rise (nats)\n(fluency lost)"),
+        ("end_probability", "P(end) at the first answer token\n(collapse into silence)"),
+    )
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        for block in blocks:
+            points = [(1.0, base[key])] + [
+                (r["tau"], r[key]) for r in rows if r["layers"] == block and r["tau"] > 1.0
+            ]
+            points.sort()
+            offset = 0.0 if key == "end_probability" else base[key]
+            ax.plot(
+                [p[0] for p in points],
+                [p[1] - offset for p in points],
+                "o-",
+                label=f"layers {block}",
+            )
+        if chosen is not None:
+            value = chosen[key] - (0.0 if key == "end_probability" else base[key])
+            ax.plot([chosen["tau"]], [value], "*", color="tab:red", markersize=16, zorder=5)
+        ax.set_xlabel("attention temperature τ")
+        ax.set_title(title, fontsize=9)
+    axes[0].legend(fontsize=7)
+    if chosen is not None:
+        fig.suptitle(f"chosen: τ = {chosen['tau']:g}, layers {chosen['layers']} (red star)")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _announce(message: str) -> None:
+    logger.info(message)
+    if not logging.getLogger().handlers:  # no logging configured (plain scripts): still show it
+        print(message, file=sys.stderr)
+
+
+def _main_process_then_broadcast(compute):
+    """Run `compute` on rank 0 only and give its result to every rank (or just run it)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [compute() if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return compute()
+
+
+def auto_temperature(
+    model,
+    forget_dataset,
+    tokenizer=None,
+    temperature=AUTO,
+    layers=AUTO,
+    settings=None,
+    output_dir=None,
+):
+    """Resolve `temperature: auto` and/or `layers: auto` on the forget set (callable on its own).
+
+    Returns (τ, layer ids or None for all layers, record). A value that is not "auto" is kept and
+    only the other one is searched. The sweep table (CSV), its picture (PNG) and the choice
+    (`asu_temperature.json`) are written to `output_dir` when given. Under DDP rank 0 measures
+    and the result is broadcast, so every rank tempers the same way.
+    """
+    from asu_simu_plugin.diagnostics import end_token_ids
+
+    config = _settings(AutoTemperatureConfig, settings, "tau_sweep")
+    model = unwrap_model(model)
+    num_layers = len(decoder_layers(model))
+    auto_tau, auto_layers = temperature == AUTO, layers == AUTO
+    taus = config.taus if auto_tau else (float(temperature),)
+    if not auto_tau and taus[0] <= 1.0:
+        raise ValueError(
+            f"layers: auto needs a temperature > 1 to compare layers (got {temperature})"
+        )
+    blocks = (
+        layer_blocks(num_layers, config.layer_parts)
+        if auto_layers
+        else [resolve_layer_ids(layers, num_layers)]
+    )
+    if forget_dataset is None or len(forget_dataset) == 0:
+        raise ValueError("temperature/layers: auto needs the forget set (the trainer got none)")
+
+    def compute():
+        items = sample_items(forget_dataset, config.sample, config.seed)
+        answer_ids = torch.cat([item["labels"][item["labels"] != IGNORE_INDEX] for item in items])
+        ends = end_token_ids(tokenizer, model, answer_ids.tolist())
+        if tokenizer is not None:
+            function = function_token_ids(tokenizer, answer_ids.tolist()).tolist()
+        else:  # without a tokenizer only the end tokens count as function tokens
+            function = ends
+        rows = sweep_grid(
+            model, items, taus, blocks, function, ends, config.batch_size, config.progress
+        )
+        chosen, reason = choose_temperature(rows, config)
+        record = {
+            "temperature": chosen["tau"],
+            "layers": None if chosen["layers"] == "all" else chosen["layer_ids"],
+            "layers_label": chosen["layers"],
+            "searched": [
+                name for name, on in (("temperature", auto_tau), ("layers", auto_layers)) if on
+            ],
+            "reason": reason,
+            "sample": len(items),
+            "end_token_ids": ends,
+            "settings": dataclasses.asdict(config),
+            "rows": [{k: v for k, v in r.items() if k != "layer_ids"} for r in rows],
+        }
+        if output_dir is not None:
+            out = Path(output_dir)
+            write_grid_csv(rows, out / "asu_tau_sweep.csv")
+            plot_grid(rows, out / "asu_tau_sweep.png", chosen)
+            (out / "asu_temperature.json").write_text(json.dumps(record, indent=2) + "\n")
+            record["files"] = [
+                str(out / n)
+                for n in ("asu_tau_sweep.csv", "asu_tau_sweep.png", "asu_temperature.json")
+            ]
+        _announce(
+            f"ASU auto: temperature {chosen['tau']:g}, layers {chosen['layers']} ({reason}); "
+            f"{len(rows)} settings on {len(items)} forget rows"
+            + (f"; saved in {output_dir}" if output_dir is not None else "")
+        )
+        return record
+
+    record = _main_process_then_broadcast(compute)
+    return record["temperature"], record["layers"], record
+
+
+def write_grid_csv(rows, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=GRID_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def collapse_check(
+    model, forget_dataset, temperature, layers, tokenizer=None, settings=None, end_ids=None
+) -> dict:
+    """P(end of answer) at the teacher's first answer token and the share of empty greedy teacher
+    answers on a sample of the forget set, with the teacher tempered by (τ, layers)."""
+    from asu_simu_plugin.diagnostics import (
+        end_token_ids,
+        greedy_continuations,
+        is_empty_answer,
+    )
+
+    config = _settings(CollapseGuardConfig, settings, "collapse_guard")
+    model = unwrap_model(model)
+    items = sample_items(forget_dataset, config.sample, config.seed)
+    if end_ids is None:
+        answer_ids = torch.cat([item["labels"][item["labels"] != IGNORE_INDEX] for item in items])
+        end_ids = end_token_ids(tokenizer, model, answer_ids.tolist())
+    layer_ids = resolve_layer_ids(layers, len(decoder_layers(model)))
+    was_training = model.training
+    model.eval()
+    try:
+        measured = measure_teacher(model, items, temperature, layer_ids, [], end_ids)
+        with attention_temperature(model, float(temperature), layer_ids):
+            answers = greedy_continuations(model, items, set(end_ids), config.max_new_tokens)
+    finally:
+        model.train(was_training)
+    empty = sum(is_empty_answer(a, tokenizer) for a in answers)
+    return {
+        "temperature": float(temperature),
+        "layers": layers_label(layer_ids, len(decoder_layers(model))),
+        "end_probability": measured["end_probability"],
+        "empty_answers": empty,
+        "sample": len(items),
+        "empty_share": empty / len(items),
+    }
+
+
+def collapse_warning(stats: dict, settings=None, teacher_eos: str = "keep") -> str | None:
+    """The warning text when the teacher is collapsing into silence, else None."""
+    config = _settings(CollapseGuardConfig, settings, "collapse_guard")
+    if (
+        stats["end_probability"] <= config.max_end_probability
+        and stats["empty_share"] <= config.max_empty_share
+    ):
+        return None
+    fixes = "temperature=auto layers=auto (picked on the forget set), a smaller temperature, or fewer layers (e.g. the first third)"
+    if teacher_eos != "suppress":
+        fixes += ", or teacher_eos=suppress (the student then never learns to end early)"
+    return (
+        f"ASU collapse guard: the forget-teacher (temperature {stats['temperature']:g}, layers "
+        f"{stats['layers']}) puts {stats['end_probability']:.2f} of its first answer token's "
+        f"probability on ending the answer (limit {config.max_end_probability:g}) and answers "
+        f"{stats['empty_answers']}/{stats['sample']} sampled forget questions with nothing "
+        f"(limit {config.max_empty_share:.0%}): the student would learn to answer with silence. "
+        f"Fix: {fixes}."
+    )
+
+
+def collapse_guard(
+    model, forget_dataset, temperature, layers, tokenizer=None, settings=None,
+    teacher_eos="keep", end_ids=None,
+) -> dict | None:  # fmt: skip
+    """Measure (rank 0, broadcast) and warn when the teacher would teach silence; returns the
+    numbers (None when the guard is off, `settings=False`)."""
+    if settings is False:
+        return None
+
+    def compute():
+        stats = collapse_check(
+            model, forget_dataset, temperature, layers, tokenizer, settings, end_ids
+        )
+        message = collapse_warning(stats, settings, teacher_eos)
+        stats["warning"] = message
+        if message:
+            logger.warning(message)
+            warnings.warn(message, stacklevel=3)
+        return stats
+
+    return _main_process_then_broadcast(compute)
+
+
+# -- the ASU trainer's entry points ---------------------------------------------------------------
+TEACHER_EOS = ("keep", "suppress")
+
+
+def _trainer_parts(trainer):
+    """(model as it is before training, tokenizer, forget set, output folder) of an ASU trainer."""
+    from asu_simu_plugin.lora import plain_model
+
+    tokenizer = getattr(trainer, "processing_class", None) or getattr(trainer, "tokenizer", None)
+    if tokenizer is not None and not hasattr(tokenizer, "all_special_ids"):
+        tokenizer = getattr(tokenizer, "tokenizer", None)  # a processor wrapping one
+    forget = getattr(trainer.train_dataset, "forget", None)
+    return plain_model(trainer.model), tokenizer, forget, trainer.args.output_dir
+
+
+def check_method_arguments(temperature, layers, teacher_eos, tau_sweep, collapse_guard) -> None:
+    """The ASU trainer's checks of these arguments, before any model work."""
+    if temperature != AUTO and (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, int | float)
+        or not math.isfinite(temperature)
+    ):
+        raise ValueError(
+            f"temperature must be a finite number > 0 or 'auto' (got {temperature!r}); "
+            "the paper's TOFU setting is temperature=2.3 layers=null"
+        )
+    if isinstance(layers, str) and layers != AUTO:
+        raise ValueError(
+            f"layers must be null (all), a list of 0-based layer ids or 'auto' (got {layers!r})"
+        )
+    if teacher_eos not in TEACHER_EOS:
+        raise ValueError(
+            f"teacher_eos must be one of {', '.join(TEACHER_EOS)} (got {teacher_eos!r})"
+        )
+    _settings(AutoTemperatureConfig, tau_sweep, "tau_sweep")
+    if collapse_guard is not False:
+        _settings(CollapseGuardConfig, collapse_guard, "collapse_guard")
+
+
+def resolve_for_trainer(trainer, temperature, layers, settings=None):
+    """`temperature: auto` / `layers: auto` for an ASU trainer, before its teacher is built: the
+    sweep runs on the model as it is (the original) and the forget set; results are saved in
+    `trainer.args.output_dir`. Returns (τ, layers) with any "auto" replaced."""
+    if temperature != AUTO and layers != AUTO:
+        return temperature, layers
+    model, tokenizer, forget, output_dir = _trainer_parts(trainer)
+    if forget is None:
+        raise ValueError(
+            "temperature/layers: auto needs the trainer's forget set (train_dataset.forget); "
+            "give a number and layer ids instead"
+        )
+    settings = dict(vars(_settings(AutoTemperatureConfig, settings, "tau_sweep")))
+    if trainer.args.disable_tqdm:
+        settings["progress"] = False
+    tau, chosen_layers, _ = auto_temperature(
+        model, forget, tokenizer, temperature, layers, settings, output_dir
+    )
+    return tau, chosen_layers
+
+
+def end_tokens_for_trainer(trainer, sample: int = 16) -> list[int]:
+    """The end-of-answer token ids an ASU trainer's `teacher_eos: suppress` removes."""
+    from asu_simu_plugin.diagnostics import end_token_ids
+
+    model, tokenizer, forget, _ = _trainer_parts(trainer)
+    answer_ids = []
+    if forget is not None and tokenizer is not None:
+        for item in sample_items(forget, sample):
+            answer_ids += item["labels"][item["labels"] != IGNORE_INDEX].tolist()
+    return end_token_ids(tokenizer, model, answer_ids)
+
+
+def guard_for_trainer(
+    trainer, temperature, layers, settings=None, teacher_eos="keep", end_ids=None
+):
+    """The collapse guard of an ASU trainer (before training); None when off or no forget set."""
+    if settings is False:
+        return None
+    model, tokenizer, forget, _ = _trainer_parts(trainer)
+    if forget is None:
+        logger.info("ASU collapse guard skipped: the training set has no `forget` part")
+        return None
+    return collapse_guard(
+        model, forget, temperature, layers, tokenizer, settings, teacher_eos, end_ids
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import csv
 import json
 import types
 
@@ -329,7 +330,13 @@ def test_layers_select_the_tempered_layers(world, tmp_path):
         ({"temperature": 0}, "finite number > 0"),
         ({"temperature": -2.0}, "finite number > 0"),
         ({"temperature": float("inf")}, "finite number > 0"),
-        ({"temperature": "hot"}, "finite number > 0"),
+        ({"temperature": "hot"}, "finite number > 0 or 'auto'"),
+        ({"layers": "15"}, "layers must be null.*'auto'"),
+        ({"layers": [1.0]}, "layer ids must be integers"),
+        ({"teacher_eos": "drop"}, "teacher_eos must be one of keep, suppress"),
+        ({"tau_sweep": {"sampel": 4}}, "tau_sweep: .*sampel.*known keys: sample"),
+        ({"tau_sweep": {"taus": [0.5, 2]}}, r"tau_sweep.taus must be > 1"),
+        ({"collapse_guard": {"max_empty_share": -1}}, r"collapse_guard.max_empty_share"),
         ({"forget_loss_type": "GA"}, "forget_loss_type='GA'.*KL, EMBED_MSE"),
         ({"retain_loss_type": "DPO"}, "retain_loss_type='DPO'.*NLL, KL, KL_ALL, EMBED_MSE"),
         ({**EMBED, "embed_layer": 4}, r"valid ids are 0\.\.3"),
@@ -376,3 +383,138 @@ def test_run_record(world, tmp_path):
     assert len(logged) == 2
     assert all(h["asu/forget_loss"] >= 0 and h["asu/retain_loss"] >= 0 for h in logged)
     assert (tmp_path / "model.safetensors").is_file()
+
+
+# -- temperature: auto, layers: auto, teacher_eos, collapse guard ---------------------------------
+AUTO_SETTINGS = {"sample": 5, "taus": [2.0, 4.0], "layer_parts": [2], "progress": False}
+
+
+def test_auto_temperature_and_layers_are_chosen_on_the_forget_set(world, tmp_path):
+    from asu_simu_plugin.tau_sweep import auto_temperature
+
+    model, tokenizer, forget, _ = world
+    apart = copy.deepcopy(model)
+    out = tmp_path / "run"
+    trainer = asu(
+        world, out, temperature="auto", layers="auto", tau_sweep=AUTO_SETTINGS, collapse_guard=False
+    )
+    # The same pass called on its own, on a copy, gives the same choice.
+    tau, layers, record = auto_temperature(
+        apart, QADataset(forget, tokenizer), tokenizer, settings=AUTO_SETTINGS
+    )
+    assert trainer.temperature == tau
+    assert trainer.layers == (layers if layers is not None else [0, 1, 2, 3])
+    saved = json.loads((out / "asu_temperature.json").read_text())
+    assert (saved["temperature"], saved["layers"]) == (tau, layers)
+    assert saved["searched"] == ["temperature", "layers"]
+    # baseline + 2 taus x (all layers, 2 halves)
+    with (out / "asu_tau_sweep.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(float(r["tau"]), r["layers"]) for r in rows] == [
+        (1.0, "all"),
+        (2.0, "all"),
+        (4.0, "all"),
+        (2.0, "0-1"),
+        (4.0, "0-1"),
+        (2.0, "2-3"),
+        (4.0, "2-3"),
+    ]
+    assert sum(r["chosen"] == "True" for r in rows) == 1
+    assert (out / "asu_tau_sweep.png").stat().st_size > 10_000
+    # The teacher runs at the chosen setting.
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])["forget"]
+    torch.testing.assert_close(
+        trainer.teacher_logits(
+            {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        ),
+        separate_logits(apart, batch, tau, layers),
+    )
+
+
+def test_paper_settings_run_no_sweep(world, tmp_path):
+    trainer = asu(world, tmp_path, temperature=2.3, layers=None, collapse_guard=False)
+    assert (trainer.temperature, trainer.layers) == (2.3, [0, 1, 2, 3])
+    assert not (tmp_path / "asu_tau_sweep.csv").exists()
+    # Only the layers searched: τ stays as given.
+    trainer = asu(world, tmp_path, temperature=3.0, layers="auto", tau_sweep=AUTO_SETTINGS)
+    assert trainer.temperature == 3.0
+    with (tmp_path / "asu_tau_sweep.csv").open() as handle:
+        assert {float(r["tau"]) for r in csv.DictReader(handle)} == {1.0, 3.0}
+
+
+def silent_llama(tokenizer, eos_bias: float = 12.0):
+    """A model that puts extra mass on eos everywhere (almost all of it by default: collapsed)."""
+    model = toy_llama(tokenizer)
+    head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight / 20)
+        head.bias.zero_()
+        head.bias[tokenizer.eos_token_id] = eos_bias
+    model.lm_head = head
+    return model
+
+
+def test_teacher_eos_suppress_loss_equals_a_hand_recomputation(world, tmp_path):
+    _, tokenizer, forget_rows, retain_rows = world
+    world = (silent_llama(tokenizer, eos_bias=5.0), tokenizer, forget_rows, retain_rows)
+    original = copy.deepcopy(world[0])
+    trainer = asu(world, tmp_path, temperature=3.0, teacher_eos="suppress", collapse_guard=False)
+    eos = world[1].eos_token_id
+    assert trainer.end_token_ids == [eos]
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    forget = batch["forget"]
+    assert (forget["labels"] == eos).sum() == 3  # each answer ends with it
+    forget_loss, _ = trainer.forget_objective(trainer.model, forget)
+    teacher = separate_logits(original, forget, 3.0)
+    # By hand: the tempered teacher's probabilities without eos, renormalised, where the answer
+    # goes on; unchanged from the position that predicts the closing eos on (the template's
+    # newline after it included).
+    probs = torch.softmax(teacher.double(), -1)
+    student = torch.log_softmax(separate_logits(trainer.model, forget).double(), -1)
+    per_sequence = []
+    for b in range(3):
+        positions = [
+            t for t in range(forget["labels"].shape[1] - 1) if forget["labels"][b, t + 1] != -100
+        ]
+        terms, ended = [], False
+        for t in positions:
+            p = probs[b, t].clone()
+            ended = ended or bool(forget["labels"][b, t + 1] == eos)
+            if not ended:
+                p[eos] = 0
+                p = p / p.sum()
+            nonzero = p > 0
+            terms.append(float((p[nonzero] * (p[nonzero].log() - student[b, t][nonzero])).sum()))
+        per_sequence.append(sum(terms) / len(terms))
+    # (the loss runs in fp32 against this float64 sum: a few 1e-5 relative)
+    assert forget_loss.item() == pytest.approx(sum(per_sequence) / 3, rel=3e-4)
+    keep = asu(world, tmp_path, temperature=3.0, collapse_guard=False)
+    kept_loss, _ = keep.forget_objective(keep.model, forget)
+    assert abs(kept_loss.item() - forget_loss.item()) > 0.05 * forget_loss.item()  # eos mattered
+
+
+def test_collapse_guard_warns_with_the_numbers_and_the_fix(world, tmp_path):
+    _, tokenizer, forget, retain = world
+    silent = (silent_llama(tokenizer), tokenizer, forget, retain)
+    with pytest.warns(
+        UserWarning, match=r"collapse guard.*temperature 2\.3, layers all.*5/5 sampled"
+    ) as record:
+        trainer = asu(silent, tmp_path, temperature=2.3, collapse_guard={"sample": 5})
+    message = str(record[0].message)
+    assert "teacher_eos=suppress" in message and "temperature=auto" in message
+    stats = trainer.collapse_stats
+    assert stats["empty_share"] == 1.0 and stats["end_probability"] > 0.9
+    assert f"{stats['end_probability']:.2f} of its first answer token" in message
+    # With suppression on, the fix no longer proposes it.
+    with pytest.warns(UserWarning, match="collapse guard") as record:
+        asu(silent, tmp_path, temperature=2.3, teacher_eos="suppress", collapse_guard={"sample": 5})
+    assert "teacher_eos=suppress" not in str(record[0].message)
+
+
+def test_collapse_guard_is_quiet_on_a_speaking_teacher(world, tmp_path, recwarn):
+    trainer = asu(world, tmp_path, temperature=2.3, collapse_guard={"sample": 5})
+    assert trainer.collapse_stats["warning"] is None
+    assert trainer.collapse_stats["empty_share"] <= 0.2
+    assert not [w for w in recwarn if "collapse guard" in str(w.message)]
+    off = asu(world, tmp_path, temperature=2.3, collapse_guard=False)
+    assert off.collapse_stats is None

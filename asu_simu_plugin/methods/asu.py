@@ -14,11 +14,11 @@ only for the duration of the teacher's forward.
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 
 from asu_simu_plugin import losses
+from asu_simu_plugin import tau_sweep as auto
 from asu_simu_plugin.arch import decoder_layers, resolve_layer_ids, unwrap_model
 from asu_simu_plugin.attention import attention_temperature
 from asu_simu_plugin.lora import is_lora_model, plain_model
@@ -47,8 +47,20 @@ class ASUMixin(UnlearnMethodMixin):
     """ASU on a GradDiff-like base: loss = gamma·forget_loss + alpha·retain_loss.
 
     Method arguments (all keyword, as in `configs/trainer/ASU.yaml`):
-      temperature: τ > 0 for the teacher's attention (the paper uses 2.0–2.8; 2.3 on TOFU).
-      layers: 0-based decoder layer ids to smooth; None = all (the paper's default).
+      temperature: τ > 0 for the teacher's attention (the paper uses 2.0–2.8; 2.3 on TOFU), or
+        "auto": chosen before training on the forget set by the τ sweep (`tau_sweep.
+        choose_temperature` states the rule); the sweep's CSV, PNG and choice are saved in
+        `args.output_dir`.
+      layers: 0-based decoder layer ids to smooth; None = all (the paper's default), or "auto":
+        chosen jointly with τ among all layers and consecutive blocks (thirds, quarters).
+      tau_sweep: settings of that sweep (`tau_sweep.AutoTemperatureConfig`: sample, taus,
+        layer_parts, function_budget, max_end_probability, ...); None = defaults.
+      teacher_eos: "keep" (the paper) or "suppress": the teacher's end-of-answer tokens get
+        probability 0 (the rest renormalised) where the answer goes on, so the student cannot
+        learn to answer with silence (`losses.suppress_end_of_answer`).
+      collapse_guard: before training, measure the teacher's P(end of answer) at the first answer
+        token and its share of empty greedy answers on a forget sample and warn above the limits
+        (`tau_sweep.CollapseGuardConfig`); None = defaults, false = off.
       forget_loss_type: "KL" — token-level KL(teacher ‖ student) on answer tokens (ASU);
         "EMBED_MSE" — the paper's WMDP variant: MSE between the student's and the smoothed
         teacher's hidden states leaving `embed_layer` (RMU with the teacher as control vector).
@@ -69,6 +81,9 @@ class ASUMixin(UnlearnMethodMixin):
         forget_loss_type: str = "KL",
         embed_layer: int = 7,
         trainable_params_regex=None,
+        teacher_eos: str = "keep",
+        tau_sweep=None,
+        collapse_guard=None,
         module_regex=None,
         steering_coeff=None,
         **kwargs,
@@ -83,14 +98,16 @@ class ASUMixin(UnlearnMethodMixin):
                 f"retain_loss_type={retain_type!r} is not supported by ASU; use one of "
                 f"{', '.join(ASU_RETAIN_LOSS_TYPES)}"
             )
-        if (
-            isinstance(temperature, bool)
-            or not isinstance(temperature, int | float)
-            or not math.isfinite(temperature)
-        ):
-            raise ValueError(f"temperature must be a finite number > 0 (got {temperature!r})")
+        auto.check_method_arguments(temperature, layers, teacher_eos, tau_sweep, collapse_guard)
         super().__init__(*args, **kwargs)
+        # `auto` is resolved on the forget set before the teacher exists (rank 0, broadcast).
+        temperature, layers = auto.resolve_for_trainer(self, temperature, layers, tau_sweep)
         self.temperature = float(temperature)
+        self.teacher_eos = teacher_eos
+        self.end_token_ids = auto.end_tokens_for_trainer(self)
+        self.collapse_stats = auto.guard_for_trainer(
+            self, self.temperature, layers, collapse_guard, teacher_eos, self.end_token_ids
+        )
         self.forget_loss_type = forget_loss_type
         uses_embeddings = "EMBED_MSE" in (forget_loss_type, retain_type)
         if uses_embeddings:
@@ -145,6 +162,10 @@ class ASUMixin(UnlearnMethodMixin):
         if self.forget_loss_type == "KL":
             outputs = model(**model_inputs(forget, with_labels=False))
             teacher_logits = self.teacher_logits(model_inputs(forget, with_labels=False))
+            if self.teacher_eos == "suppress":
+                teacher_logits = losses.suppress_end_of_answer(
+                    teacher_logits, forget["labels"], self.end_token_ids
+                )
             loss = losses.asu_distillation_loss(outputs.logits, teacher_logits, forget["labels"])
             return loss, outputs
         inputs = model_inputs(forget, with_labels=False)
