@@ -23,6 +23,7 @@ from asu_simu_plugin.arch import decoder_layers, resolve_layer_ids, unwrap_model
 from asu_simu_plugin.attention import attention_temperature
 from asu_simu_plugin.lora import is_lora_model, plain_model
 from asu_simu_plugin.methods.base import UnlearnMethodMixin, freeze_all_but, model_inputs
+from asu_simu_plugin.teacher_cache import TeacherCache, storage_dtype
 
 FORGET_LOSS_TYPES = ("KL", "EMBED_MSE")
 ASU_RETAIN_LOSS_TYPES = ("NLL", "KL", "KL_ALL", "EMBED_MSE")
@@ -69,6 +70,11 @@ class ASUMixin(UnlearnMethodMixin):
       embed_layer: layer id for the EMBED_MSE losses (the paper's WMDP code uses 7).
       trainable_params_regex: regexes of parameter names to train (full match, as the
         harness's RMU); None trains everything. The WMDP variant trains mlp.down_proj of 5-7.
+      teacher_cache: compute the teacher's answer-position distributions once (a pass over the
+        forget set before the first step) and reuse them every epoch instead of running the
+        teacher each step; forget_loss_type KL only. See `asu_simu_plugin.teacher_cache`.
+      teacher_cache_dtype: storage of the cached log-probabilities: "float16" (default; the
+        loss differs by ~1e-4 relative), "bfloat16" or "float32" (exact to float rounding).
       module_regex, steering_coeff: RMU keys that the harness's WMDP experiment sets; ASU's
         control signal is the smoothed teacher, so they are accepted and unused.
     """
@@ -84,6 +90,8 @@ class ASUMixin(UnlearnMethodMixin):
         teacher_eos: str = "keep",
         tau_sweep=None,
         collapse_guard=None,
+        teacher_cache: bool = False,
+        teacher_cache_dtype: str = "float16",
         module_regex=None,
         steering_coeff=None,
         **kwargs,
@@ -99,6 +107,14 @@ class ASUMixin(UnlearnMethodMixin):
                 f"{', '.join(ASU_RETAIN_LOSS_TYPES)}"
             )
         auto.check_method_arguments(temperature, layers, teacher_eos, tau_sweep, collapse_guard)
+        if not isinstance(teacher_cache, bool):
+            raise ValueError(f"teacher_cache must be true or false (got {teacher_cache!r})")
+        if teacher_cache and forget_loss_type != "KL":
+            raise ValueError(
+                "teacher_cache stores the teacher's output distributions, which only the KL "
+                f"forget loss uses; set teacher_cache=false with forget_loss_type={forget_loss_type}"
+            )
+        storage_dtype(teacher_cache_dtype)
         super().__init__(*args, **kwargs)
         # `auto` is resolved on the forget set before the teacher exists (rank 0, broadcast).
         temperature, layers = auto.resolve_for_trainer(self, temperature, layers, tau_sweep)
@@ -126,6 +142,9 @@ class ASUMixin(UnlearnMethodMixin):
             self.layers = self.teacher_temperature.layers
         if trainable_params_regex:
             freeze_all_but(self.model, trainable_params_regex)
+        self.teacher_cache = (
+            TeacherCache(self.teacher_fingerprint(), teacher_cache_dtype) if teacher_cache else None
+        )
 
     # -- the frozen original in its two roles ---------------------------------------------------
     @contextlib.contextmanager
@@ -157,11 +176,46 @@ class ASUMixin(UnlearnMethodMixin):
         with self.reference() as original:
             return original(**inputs).logits
 
+    # -- the teacher-output cache --------------------------------------------------------------
+    def teacher_fingerprint(self) -> tuple:
+        """What the teacher's output depends on besides the input: the model, τ, the layers."""
+        config = getattr(plain_model(self.model), "config", None)
+        return (
+            getattr(config, "_name_or_path", None),
+            sum(p.numel() for p in self.model.parameters()),
+            self.temperature,
+            tuple(self.layers),
+        )
+
+    def forget_teacher_logits(self, forget: dict) -> torch.Tensor:
+        """The teacher's logits on a forget batch: from the cache when it is on."""
+        if self.teacher_cache is None:
+            return self.teacher_logits(model_inputs(forget, with_labels=False))
+        self.teacher_cache.check(self.teacher_fingerprint())
+        if not self.teacher_cache.built:
+            self.build_teacher_cache()
+        return self.teacher_cache.teacher_logits(model_inputs(forget), self.teacher_logits)
+
+    def build_teacher_cache(self) -> None:
+        """One pass of the teacher over the whole forget set (progress bar on the main process)."""
+        forget = getattr(self.train_dataset, "forget", None)
+        if forget is None:  # another dataset layout: rows are filled as they come
+            self.teacher_cache.built = True
+            return
+        self.teacher_cache.build(
+            forget,
+            self.data_collator,
+            self.teacher_logits,
+            batch_size=self.args.per_device_train_batch_size,
+            device=self.args.device,
+            show_progress=not self.args.disable_tqdm,
+        )
+
     # -- losses --------------------------------------------------------------------------------
     def forget_objective(self, model, forget: dict):
         if self.forget_loss_type == "KL":
             outputs = model(**model_inputs(forget, with_labels=False))
-            teacher_logits = self.teacher_logits(model_inputs(forget, with_labels=False))
+            teacher_logits = self.forget_teacher_logits(forget)
             if self.teacher_eos == "suppress":
                 teacher_logits = losses.suppress_end_of_answer(
                     teacher_logits, forget["labels"], self.end_token_ids
