@@ -284,3 +284,9 @@ def test_gradient_checkpointing_trains_the_adapters(saved_llama, world, tmp_path
     assert trainer.model.get_base_model().is_gradient_checkpointing
     b_names = [n for n, _ in trainer.model.named_parameters() if "lora_B" in n]
     assert set(grads) == set(b_names) and all(v > 0 for v in grads.values())
+
+
+def test_simu_refuses_a_lora_model(saved_llama, world, tmp_path):
+    with pytest.raises(ValueError, match="SIMU does not run on a LoRA model"):
+        lora_trainer("simu", saved_llama, world, tmp_path, steps=1)
+    assert not (tmp_path / "simu_masks.safetensors").exists()  # refused before the attribution

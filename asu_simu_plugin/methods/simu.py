@@ -25,6 +25,7 @@ from asu_simu_plugin.arch import (
     down_projection,
     unwrap_model,
 )
+from asu_simu_plugin.lora import is_lora_model
 from asu_simu_plugin.methods.sophia import SophiaMixin
 
 MASK_FILE = "simu_masks"
@@ -66,6 +67,11 @@ class SIMUMixin(SophiaMixin):
         if int(steps) < 1:
             raise ValueError(f"steps must be >= 1 (got {steps})")
         super().__init__(*args, **kwargs)
+        if is_lora_model(self.model):
+            raise ValueError(
+                "SIMU does not run on a LoRA model: it trains chosen down_proj columns of the full "
+                "weights, which LoRA freezes. Load the model without LoRACausalLM for SIMU."
+            )
         self.simu_steps = int(steps)
         self.simu_threshold = float(threshold)
         self.simu_mode = mode
