@@ -1,18 +1,29 @@
-"""Cost of ASU, SO-GradDiff and SIMU against GradDiff, measured in one process.
+"""Cost of ASU, SO-GradDiff, SONPO and SIMU against GradDiff, each in its shipped configuration.
 
-    python benchmarks/perf/perf.py [--model DIR] [--batch-size 4] [--steps 5] [--warmup 2]
-        [--simu-ig-steps 4] [--forget-size 8] [--out benchmarks/results]
+    python benchmarks/perf/perf.py [--model DIR] [--batch-size 4] [--rounds 2] [--run-steps 10]
+        [--warmup 1] [--simu-ig-steps 4] [--forget-size 8] [--distributed] [--out benchmarks/results]
 
-Every method trains the same model from the same weights on the same batches (the standalone
-trainers; the harness's GradDiff computes the same losses). Per training step (forward, backward,
-optimizer step; the median of --steps after --warmup untimed ones):
+Every row trains the same model from the same weights on the same batches (the standalone
+trainers; the harness's GradDiff computes the same losses) with the method arguments, learning
+rate and weight decay of its `configs/trainer/<Name>.yaml` (GradDiff: the harness's defaults), so
+SOGradDiff and SIMU run SOUL's grad2 Hessian and betas, as users get them. `SOGradDiff (gnb)` is
+the Sophia-G variant: its runs last at least 2 × `hessian_interval` steps, so its sampled-label
+Hessian pass is timed (it is also reported on its own).
 
-  ASU_GD vs GradDiff (NLL retain)   ASU_KL vs GradDiff (KL retain)
-  SOGradDiff vs GradDiff (NLL)      SIMU (masked SophiaG) vs GradDiff (NLL)
+Methods are interleaved: in each of --rounds rounds every method (in a rotated order) trains
+--run-steps optimizer steps from the initial weights; the first --warmup steps of a run are not
+timed. Machine noise then hits every method alike. Reported per method: median seconds per step
+(ratios use medians), spread (min-max and the interquartile range) and the mean; for the GNB
+variant the mean over whole Hessian intervals is its amortised cost. Peak memory: CUDA peak
+allocation, or on CPU the peak resident set size above the level before the run (sampled every
+2 ms, with freed memory handed back to the OS in between).
 
-and SIMU's integrated-gradients attribution pass over the forget set vs one SIMU training epoch
-on it. Peak memory: CUDA peak allocation, or on CPU the peak resident set size above the level
-before the run (sampled every 2 ms, with freed memory handed back to the OS in between).
+--distributed adds 2-process rows (DDP with gloo on CPU / NCCL on GPUs, and DeepSpeed ZeRO-2 through
+accelerate when deepspeed is importable): per-step time at the same global batch (each process
+gets half of it), GradDiff and SOGradDiff.
+
+SIMU's integrated-gradients attribution pass over the forget set is timed against one SIMU
+training epoch on it.
 
 The default model is SmolLM2-135M's architecture built from its config (random weights: cost
 does not depend on them), so nothing is downloaded; --model DIR times a saved model instead.
@@ -58,21 +69,63 @@ SMOLLM2_135M = dict(
     pad_token_id=0,
 )
 
-# name: (standalone method, method args). ASU and SIMU keep their config defaults.
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "trainer"
+# The harness's GradDiff.yaml / finetune.yaml values for what our trainer configs leave to them.
+HARNESS_DEFAULTS = {
+    "method_args": {"gamma": 1.0, "alpha": 1.0, "retain_loss_type": "NLL"},
+    "args": {"learning_rate": 1e-5, "weight_decay": 0.01},
+}
+
+# name: (standalone method, shipped trainer config or None for the harness's GradDiff, overrides)
 RUNS = {
-    "GradDiff (NLL)": ("graddiff", {"retain_loss_type": "NLL"}),
-    "GradDiff (KL)": ("graddiff", {"retain_loss_type": "KL"}),
-    "ASU_GD": ("asu", {"temperature": 2.3, "gamma": 0.1, "retain_loss_type": "NLL"}),
-    "ASU_KL": ("asu", {"temperature": 2.3, "gamma": 0.1, "retain_loss_type": "KL"}),
-    "SOGradDiff": ("sograddiff", {"alpha": 2.0}),
-    "SIMU": ("simu", {"alpha": 2.0}),
+    "GradDiff (NLL)": ("graddiff", None, {"retain_loss_type": "NLL"}),
+    "GradDiff (KL)": ("graddiff", None, {"retain_loss_type": "KL"}),
+    "ASU_GD": ("asu", "ASU", {"retain_loss_type": "NLL"}),
+    "ASU_KL": ("asu", "ASU", {"retain_loss_type": "KL"}),
+    "SOGradDiff": ("sograddiff", "SOGradDiff", {}),
+    "SOGradDiff (gnb)": ("sograddiff", "SOGradDiff", {"hessian_mode": "gnb"}),
+    "SONPO": ("sonpo", "SONPO", {}),
+    "SIMU": ("simu", "SIMU", {}),
 }
 COMPARISONS = [
     ("ASU_GD", "GradDiff (NLL)"),
     ("ASU_KL", "GradDiff (KL)"),
     ("SOGradDiff", "GradDiff (NLL)"),
+    ("SOGradDiff (gnb)", "GradDiff (NLL)"),
+    ("SONPO", "GradDiff (NLL)"),
     ("SIMU", "GradDiff (NLL)"),
 ]
+# 2-process rows (--distributed): name: (launcher, RUNS entry)
+DISTRIBUTED_RUNS = {
+    "GradDiff (NLL), DDP ×2": ("ddp", "GradDiff (NLL)"),
+    "SOGradDiff, DDP ×2": ("ddp", "SOGradDiff"),
+    "GradDiff (NLL), ZeRO-2 ×2": ("zero2", "GradDiff (NLL)"),
+    "SOGradDiff, ZeRO-2 ×2": ("zero2", "SOGradDiff"),
+}
+ZERO2_CONFIG = Path(__file__).resolve().parents[2] / "tests" / "distributed" / "zero2.yaml"
+
+
+def shipped_configuration(name: str) -> tuple[str, dict, dict]:
+    """(method, method args, {learning_rate, weight_decay}) of a row, from its trainer YAML."""
+    import yaml
+
+    method, config_name, overrides = RUNS[name]
+    method_args = dict(HARNESS_DEFAULTS["method_args"])
+    args = dict(HARNESS_DEFAULTS["args"])
+    if config_name is not None:
+        config = yaml.safe_load((CONFIGS / f"{config_name}.yaml").read_text())
+        method_args.update(config.get("method_args") or {})
+        args.update({k: v for k, v in (config.get("args") or {}).items() if k in args})
+    method_args = {k: v for k, v in {**method_args, **overrides}.items() if v is not None}
+    return method, method_args, {k: float(v) for k, v in args.items()}
+
+
+def run_steps(name: str, args) -> int:
+    """Optimizer steps of one run: GNB runs cover two Hessian intervals at least."""
+    _, method_args, _ = shipped_configuration(name)
+    if method_args.get("hessian_mode") == "gnb":
+        return max(args.run_steps, 2 * int(method_args.get("hessian_interval", 10)))
+    return args.run_steps
 
 
 def parse_args(argv=None):
@@ -82,8 +135,12 @@ def parse_args(argv=None):
         "--data", type=Path, help="folder holding locuslab/TOFU/ (default: the toy authors)"
     )
     p.add_argument("--batch-size", type=int, default=4, help="forget and retain rows per step")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per method")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of every method")
+    p.add_argument("--run-steps", type=int, default=10, help="optimizer steps per method and round")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of each run")
+    p.add_argument("--distributed", action="store_true", help="add the 2-process rows")
+    p.add_argument("--only", nargs="*", help="time only these rows (default: all)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # a 2-process row's process (JSON spec)
     p.add_argument("--forget-size", type=int, default=8, help="forget rows (SIMU pass and epoch)")
     p.add_argument("--simu-ig-steps", type=int, default=4, help="integrated-gradients steps")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
@@ -184,31 +241,118 @@ def qa_rows(count_forget, data=None):
     return forget, load_qa_jsonl(tofu / "retain_perturbed.json")
 
 
-def time_steps(name, model, initial_state, tokenizer, forget, retain, args, workdir, extra=None):
-    method, method_args = RUNS[name]
-    method_args = {**method_args, **(extra or {})}
-    model.load_state_dict(initial_state)
-    settings = RunSettings(
+def settings_for(name, args, steps, **extra):
+    _, _, train_args = shipped_configuration(name)
+    return RunSettings(
         epochs=1000,
         batch_size=args.batch_size,
-        learning_rate=1e-6,
+        learning_rate=train_args["learning_rate"],
+        weight_decay=train_args["weight_decay"],
         logging_steps=10_000,
-        extra={"max_steps": args.warmup + args.steps, "disable_tqdm": True},
+        extra={"max_steps": steps, "disable_tqdm": True, **extra},
     )
+
+
+def time_run(name, model, initial_state, tokenizer, forget, retain, args, workdir, extra=None):
+    """One run of a row from the initial weights: its step times (warm-up dropped), peak memory
+    and, for the GNB variant, the seconds of each Hessian pass."""
+    method, method_args, _ = shipped_configuration(name)
+    method_args = {**method_args, **(extra or {})}
+    model.load_state_dict(initial_state)
+    steps = run_steps(name, args)
     device = next(model.parameters()).device
     timer = StepTimer(device)
     with PeakMemory(device) as memory:
         trainer = build_trainer(
-            method, model, tokenizer, forget, retain, workdir / method, method_args, settings
+            method,
+            model,
+            tokenizer,
+            forget,
+            retain,
+            workdir / method,
+            method_args,
+            settings_for(name, args, steps),
         )
         trainer.add_callback(timer)
+        passes = time_hessian_passes(trainer, timer)
         trainer.train()
     del trainer
-    timed = timer.times[args.warmup :]
-    print(
-        f"{name:16s} {statistics.median(timed):8.3f} s/step  {memory.peak_bytes / 2**20:8.0f} MiB"
-    )
-    return {"step_seconds": statistics.median(timed), "steps": timed, "peak_mib": mib(memory)}
+    return {"steps": timer.times[args.warmup :], "passes": passes, "peak_mib": mib(memory)}
+
+
+def time_hessian_passes(trainer, timer) -> list[float]:
+    """Seconds of each GNB pass, timed inside its training step (the step time includes it)."""
+    passes = []
+    if not hasattr(trainer, "gauss_newton_bartlett_update"):
+        return passes
+    original = trainer.gauss_newton_bartlett_update
+
+    def timed(*a, **k):
+        timer._sync()
+        start = time.perf_counter()
+        original(*a, **k)
+        timer._sync()
+        passes.append(time.perf_counter() - start)
+
+    trainer.gauss_newton_bartlett_update = timed
+    return passes
+
+
+def summary(times: list[float]) -> dict:
+    quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return {
+        "step_seconds": statistics.median(times),
+        "mean_seconds": statistics.mean(times),
+        "min_seconds": min(times),
+        "max_seconds": max(times),
+        "iqr_seconds": [quartiles[0], quartiles[2]],
+        "timed_steps": len(times),
+    }
+
+
+def interleaved(names, model, initial_state, tokenizer, forget, retain, args, workdir, extra):
+    """Every row, --rounds times, in an order rotated each round; step times pooled per row."""
+    pooled = {name: {"steps": [], "passes": [], "peak_mib": 0.0} for name in names}
+    for round_index in range(args.rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            run = time_run(
+                name,
+                model,
+                initial_state,
+                tokenizer,
+                forget,
+                retain,
+                args,
+                workdir,
+                extra.get(name),
+            )
+            pooled[name]["steps"] += run["steps"]
+            pooled[name]["passes"] += run["passes"]
+            pooled[name]["peak_mib"] = max(pooled[name]["peak_mib"], run["peak_mib"])
+            print(
+                f"round {round_index + 1}/{args.rounds}  {name:18s} "
+                f"{statistics.median(run['steps']):8.3f} s/step (median of {len(run['steps'])})"
+            )
+    result = {}
+    for name, run in pooled.items():
+        _, method_args, train_args = shipped_configuration(name)
+        row = {
+            **summary(run["steps"]),
+            "steps": run["steps"],
+            "peak_mib": run["peak_mib"],
+            "configuration": {**method_args, **train_args},
+        }
+        if run["passes"]:
+            interval = int(method_args["hessian_interval"])
+            row["hessian_pass_seconds"] = statistics.median(run["passes"])
+            row["hessian_passes"] = run["passes"]
+            row["hessian_interval"] = interval
+            # amortised: a typical step (the median: passes are 1 step in `interval`), plus one
+            # pass every `interval` steps
+            row["amortised_seconds"] = row["step_seconds"] + row["hessian_pass_seconds"] / interval
+        result[name] = row
+    return result
 
 
 def simu_attribution(model, initial_state, tokenizer, forget, args, workdir):
@@ -235,8 +379,13 @@ def simu_epoch(model, initial_state, tokenizer, forget, retain, args, workdir, m
     """Seconds and peak memory of one SIMU training epoch on the forget rows."""
     model.load_state_dict(initial_state)
     device = next(model.parameters()).device
+    _, method_args, train_args = shipped_configuration("SIMU")
     settings = RunSettings(
-        epochs=1, batch_size=args.batch_size, learning_rate=1e-6, extra={"disable_tqdm": True}
+        epochs=1,
+        batch_size=args.batch_size,
+        learning_rate=train_args["learning_rate"],
+        weight_decay=train_args["weight_decay"],
+        extra={"disable_tqdm": True},
     )
     with PeakMemory(device) as memory:
         trainer = build_trainer(
@@ -246,7 +395,7 @@ def simu_epoch(model, initial_state, tokenizer, forget, retain, args, workdir, m
             forget,
             retain,
             workdir / "simu_epoch",
-            {**RUNS["SIMU"][1], "mask_path": mask_path},
+            {**method_args, "mask_path": mask_path},
             settings,
         )
         start = time.perf_counter()
@@ -257,15 +406,125 @@ def simu_epoch(model, initial_state, tokenizer, forget, retain, args, workdir, m
     return {"seconds": seconds, "peak_mib": mib(memory)}
 
 
+def distributed_rows(args, workdir) -> dict:
+    """Per-step time of 2-process runs (each process half the batch), launched as workers."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    rows = {}
+    for name, (launcher, row) in DISTRIBUTED_RUNS.items():
+        if launcher == "zero2" and importlib.util.find_spec("deepspeed") is None:
+            print(f"{name}: skipped (deepspeed is not importable here)")
+            continue
+        out = workdir / f"worker-{len(rows)}.json"
+        spec = json.dumps({"row": row, "out": str(out), "argv": _worker_argv(args)})
+        script = [str(Path(__file__).resolve()), "--worker", spec]
+        port = str(_free_port())
+        if launcher == "ddp":
+            command = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node=2",
+                f"--master_port={port}",
+                *script,
+            ]
+        else:
+            command = [
+                sys.executable,
+                "-m",
+                "accelerate.commands.launch",
+                "--config_file",
+                str(ZERO2_CONFIG),
+                "--main_process_port",
+                port,
+                *script,
+            ]
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, torch.get_num_threads() // 2))}
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{name} failed:\n{done.stderr[-4000:]}")
+        rows[name] = {**json.loads(out.read_text()), "launcher": launcher, "single": row}
+        print(f"{name:28s} {rows[name]['step_seconds']:8.3f} s/step")
+    return rows
+
+
+def _worker_argv(args) -> list[str]:
+    argv = [
+        "--batch-size",
+        str(max(1, args.batch_size // 2)),
+        "--run-steps",
+        str(args.rounds * args.run_steps),
+        "--warmup",
+        str(args.warmup),
+        "--forget-size",
+        str(args.forget_size),
+    ]
+    if args.model:
+        argv += ["--model", str(args.model)]
+    if args.data:
+        argv += ["--data", str(args.data)]
+    return argv
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def worker(spec: dict) -> None:
+    """One process of a 2-process row: time its steps; rank 0 writes the summary."""
+    args = parse_args(spec["argv"])
+    transformers.logging.set_verbosity_error()
+    model, tokenizer, _ = load_model_and_tokenizer(args)
+    forget, retain = qa_rows(args.forget_size, args.data)
+    timer = StepTimer(torch.device("cpu"))
+    name = spec["row"]
+    method, method_args, _ = shipped_configuration(name)
+    steps = run_steps(name, args)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = build_trainer(
+            method,
+            model,
+            tokenizer,
+            forget,
+            retain,
+            Path(tmp),
+            method_args,
+            settings_for(
+                name, args, steps, ddp_backend="gloo" if not torch.cuda.is_available() else None
+            ),
+        )
+        trainer.add_callback(timer)
+        trainer.train()
+        rank = trainer.args.process_index
+        del trainer
+    from asu_simu_plugin.runner import close_distributed
+
+    close_distributed()
+    if rank == 0:
+        times = timer.times[args.warmup :]
+        Path(spec["out"]).write_text(json.dumps({**summary(times), "steps": times}))
+
+
 def mib(memory):
     return round(memory.peak_bytes / 2**20, 1)
 
 
+def spread(row) -> str:
+    low, high = row["iqr_seconds"]
+    return f"{row['min_seconds']:.2f}–{row['max_seconds']:.2f} (IQR {low:.2f}–{high:.2f})"
+
+
 def markdown(result):
     m, s = result["machine"], result["settings"]
-    steps, simu = result["per_step"], result["simu"]
+    steps, simu = result["per_step"], result.get("simu")
     lines = [
-        "# Cost per training step: ASU, SO-GradDiff, SIMU vs GradDiff",
+        "# Cost per training step: ASU, SO-GradDiff, SONPO, SIMU vs GradDiff",
         "",
         f"Generated by `benchmarks/perf/perf.py` on {result['date'][:10]}: {m['cpu']}, "
         f"{m['cpu_cores']} cores ({m['torch_threads']} torch threads), device {m['device']}"
@@ -274,38 +533,82 @@ def markdown(result):
         f"torch {result['versions']['torch']}, transformers {result['versions']['transformers']}."
         f" Model: {s['model']} ({s['parameters'] / 1e6:.1f}M parameters, fp32). Batch: "
         f"{s['batch_size']} forget + {s['batch_size']} retain rows "
-        f"of {s['data']} ({s['tokens_per_row']:.0f} tokens a row on average); median of {s['steps']} steps "
-        f"after {s['warmup']}. Memory: {m['memory']}.",
+        f"of {s['data']} ({s['tokens_per_row']:.0f} tokens a row on average). Every method runs "
+        "its shipped `configs/trainer/*.yaml` (SOGradDiff, SONPO and SIMU: grad2 Hessian, betas "
+        "0.9/0.95); the methods were interleaved, "
+        f"{s['rounds']} rounds × {s['run_steps']} steps each from the same weights (GNB: "
+        f"{s['gnb_run_steps']}), the first {s['warmup']} of every run untimed. "
+        f"Memory: {m['memory']}.",
         "",
-        "| method | s / step | peak MiB | vs | time ratio | memory ratio |",
-        "|---|---|---|---|---|---|",
+        "| method | median s / step | spread (s) | timed steps | peak MiB | vs | time ratio | "
+        "memory ratio |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for method, baseline in COMPARISONS:
+        if method not in steps or baseline not in steps:
+            continue
         a, b = steps[method], steps[baseline]
         lines.append(
-            f"| {method} | {a['step_seconds']:.3f} | {a['peak_mib']:.0f} | {baseline} "
-            f"({b['step_seconds']:.3f} s, {b['peak_mib']:.0f} MiB) | "
-            f"**{a['step_seconds'] / b['step_seconds']:.2f}×** | "
+            f"| {method} | {a['step_seconds']:.3f} | {spread(a)} | {a['timed_steps']} | "
+            f"{a['peak_mib']:.0f} | {baseline} ({b['step_seconds']:.3f} s, "
+            f"{b['peak_mib']:.0f} MiB) | **{a['step_seconds'] / b['step_seconds']:.2f}×** | "
             f"{a['peak_mib'] / b['peak_mib']:.2f}× |"
         )
-    att, epoch = simu["attribution"], simu["epoch"]
-    lines += [
-        "",
-        f"SIMU attribution ({s['simu_ig_steps']} integrated-gradients steps, "
-        f"{s['forget_size']} forget rows, every decoder layer): {att['seconds']:.1f} s, peak "
-        f"{att['peak_mib']:.0f} MiB; one SIMU training epoch on the same rows: "
-        f"{epoch['seconds']:.1f} s, peak {epoch['peak_mib']:.0f} MiB → attribution = "
-        f"**{att['seconds'] / epoch['seconds']:.1f} epochs**. Per (layer l, step), the pass "
-        "runs layers ≥ l forward and backward on the forget set (layers below l replay the "
-        f"observed pass), so it grows with layers × steps (×{20 / s['simu_ig_steps']:.0f} at the paper's 20 steps) and not with "
-        "the number of training epochs; it runs once, and `mask_path` reuses its masks.",
-        "",
-    ]
+    gnb = steps.get("SOGradDiff (gnb)")
+    if gnb and "hessian_pass_seconds" in gnb:
+        base = steps["GradDiff (NLL)"]["step_seconds"]
+        lines += [
+            "",
+            f"Sophia-G's sampled-label Hessian pass alone: {gnb['hessian_pass_seconds']:.3f} s "
+            f"(median of {len(gnb['hessian_passes'])}; its steps include it), "
+            f"{gnb['hessian_pass_seconds'] / gnb['step_seconds']:.2f}× a GNB training step; every "
+            f"{gnb['hessian_interval']} steps, so the amortised GNB step is "
+            f"{gnb['amortised_seconds']:.3f} s = **{gnb['amortised_seconds'] / base:.2f}×** "
+            "GradDiff (NLL).",
+        ]
+    distributed = result.get("distributed") or {}
+    if distributed:
+        lines += [
+            "",
+            "Two processes (each with half the batch and half the threads; DDP over gloo, "
+            "DeepSpeed ZeRO-2 through accelerate, fp32), per optimizer step:",
+            "",
+            "| run | median s / step | spread (s) | timed steps | vs one process |",
+            "|---|---|---|---|---|",
+        ]
+        for name, row in distributed.items():
+            single = steps.get(row["single"])
+            versus = (
+                f"{row['step_seconds'] / single['step_seconds']:.2f}× ({single['step_seconds']:.3f} s)"
+                if single
+                else "—"
+            )
+            lines.append(
+                f"| {name} | {row['step_seconds']:.3f} | {spread(row)} | {row['timed_steps']} | "
+                f"{versus} |"
+            )
+    if simu:
+        att, epoch = simu["attribution"], simu["epoch"]
+        lines += [
+            "",
+            f"SIMU attribution ({s['simu_ig_steps']} integrated-gradients steps, "
+            f"{s['forget_size']} forget rows, every decoder layer): {att['seconds']:.1f} s, peak "
+            f"{att['peak_mib']:.0f} MiB; one SIMU training epoch on the same rows: "
+            f"{epoch['seconds']:.1f} s, peak {epoch['peak_mib']:.0f} MiB → attribution = "
+            f"**{att['seconds'] / epoch['seconds']:.1f} epochs**. Per (layer l, step), the pass "
+            "runs layers ≥ l forward and backward on the forget set (layers below l replay the "
+            f"observed pass), so it grows with layers × steps (×{20 / s['simu_ig_steps']:.0f} at "
+            "the shipped 20 steps) and not with the number of training epochs; it runs once, and "
+            "`mask_path` reuses its masks.",
+        ]
+    lines.append("")
     return "\n".join(lines)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.worker:
+        return worker(json.loads(args.worker))
     if args.threads:
         torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
@@ -315,29 +618,30 @@ def main(argv=None):
     initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     forget, retain = qa_rows(args.forget_size, args.data)
     lengths = [len(QADataset([r], tokenizer)[0]["input_ids"]) for r in forget + retain]
-    per_step = {}
+    names = [n for n in RUNS if not args.only or n in args.only]
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        attribution, mask_path = simu_attribution(
-            model, initial_state, tokenizer, forget, args, workdir
-        )
-        # the SIMU rows reuse the attribution's masks instead of attributing again
-        simu_masks = {"SIMU": {"mask_path": mask_path}}
-        for name in RUNS:
-            per_step[name] = time_steps(
-                name,
-                model,
-                initial_state,
-                tokenizer,
-                forget,
-                retain,
-                args,
-                workdir,
-                simu_masks.get(name),
+        simu = None
+        extra = {}
+        if "SIMU" in names:
+            attribution, mask_path = simu_attribution(
+                model, initial_state, tokenizer, forget, args, workdir
             )
-        epoch = simu_epoch(
-            model, initial_state, tokenizer, forget, retain, args, workdir, mask_path
+            # the SIMU rows reuse the attribution's masks instead of attributing again
+            extra["SIMU"] = {"mask_path": mask_path}
+            epoch = simu_epoch(
+                model, initial_state, tokenizer, forget, retain, args, workdir, mask_path
+            )
+            simu = {
+                "attribution": attribution,
+                "epoch": epoch,
+                "attribution_in_epochs": attribution["seconds"] / epoch["seconds"],
+            }
+        per_step = interleaved(
+            names, model, initial_state, tokenizer, forget, retain, args, workdir, extra
         )
+        distributed = distributed_rows(args, workdir) if args.distributed else {}
+    gnb_names = [n for n in names if shipped_configuration(n)[1].get("hessian_mode") == "gnb"]
     result = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": {
@@ -354,7 +658,9 @@ def main(argv=None):
             "parameters": sum(p.numel() for p in model.parameters()),
             "batch_size": args.batch_size,
             "tokens_per_row": statistics.mean(lengths),
-            "steps": args.steps,
+            "rounds": args.rounds,
+            "run_steps": args.run_steps,
+            "gnb_run_steps": run_steps(gnb_names[0], args) if gnb_names else None,
             "warmup": args.warmup,
             "forget_size": args.forget_size,
             "simu_ig_steps": args.simu_ig_steps,
@@ -363,12 +669,10 @@ def main(argv=None):
         "ratios": {
             f"{a} / {b}": per_step[a]["step_seconds"] / per_step[b]["step_seconds"]
             for a, b in COMPARISONS
+            if a in per_step and b in per_step
         },
-        "simu": {
-            "attribution": attribution,
-            "epoch": epoch,
-            "attribution_in_epochs": attribution["seconds"] / epoch["seconds"],
-        },
+        "distributed": distributed,
+        "simu": simu,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "perf.json").write_text(json.dumps(result, indent=2) + "\n")
