@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 from harness_support import (
     CPU_TRAIN_OVERRIDES,
+    harness_paths,
+    install_into_fresh_venv,
     model_overrides,
     run_harness,
     save_tiny_harness_model,
+    venv_without_us,
 )
 
 pytestmark = pytest.mark.harness
@@ -27,7 +31,7 @@ def tiny_model(tmp_path_factory):
     return save_tiny_harness_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
-def train(tiny_model, out, *overrides, steps=2):
+def train(tiny_model, out, *overrides, steps=2, **run_options):
     return run_harness(
         "train.py",
         [
@@ -39,6 +43,7 @@ def train(tiny_model, out, *overrides, steps=2):
             f"+trainer.args.max_steps={steps}",
             f"paths.output_dir={out}",
         ],
+        **run_options,
     )
 
 
@@ -125,3 +130,47 @@ def test_smollm2_model_config_composes_with_the_harness_finetune_experiment():
     )
     assert "HuggingFaceTB/SmolLM2-135M-Instruct" in result.stdout
     assert "asst_start_tag: '<|im_start|>assistant" in result.stdout
+
+
+WHERE_SCRIPT = """
+import json, asu_simu_plugin, hydra_plugins.asu_simu_plugin_searchpath as plugin
+from hydra.core.plugins import Plugins
+from hydra.plugins.search_path_plugin import SearchPathPlugin
+found = [p.__name__ for p in Plugins.instance().discover(SearchPathPlugin)]
+print(json.dumps({"package": asu_simu_plugin.__file__, "plugin": plugin.__file__, "found": found}))
+"""
+
+
+def test_a_venv_without_us_does_not_find_trainer_asu(tmp_path):
+    """The control for the install tests: the throwaway venv sees the harness's packages only."""
+    checkout, _ = harness_paths()
+    python = venv_without_us(tmp_path / "venv")
+    result = subprocess.run(
+        [python, "src/train.py", "--config-name=unlearn.yaml", "trainer=ASU", "--cfg", "job"],
+        cwd=checkout,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    assert "Could not find 'trainer/ASU'" in result.stderr, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("editable", [False, True], ids=["pip-install", "pip-install-e"])
+def test_trainer_asu_runs_after_plain_and_editable_install(tiny_model, tmp_path, editable):
+    """`pip install .` and `pip install -e .` (setuptools' default editable mode) both let
+    Hydra's plugin scan find our SearchPathPlugin, so `trainer=ASU` composes and trains."""
+    python = install_into_fresh_venv(tmp_path, editable)
+    where = json.loads(
+        subprocess.check_output([python, "-c", WHERE_SCRIPT], cwd=tmp_path, text=True)
+    )
+    source = str(tmp_path / "source")
+    # editable: imported from the sources; plain: from the venv's site-packages
+    assert where["package"].startswith(source) is editable
+    assert where["plugin"].startswith(source) is editable
+    assert "AsuSimuSearchPathPlugin" in where["found"]
+    out = tmp_path / "asu"
+    result = train(tiny_model, out, "experiment=unlearn/tofu/default", "trainer=ASU", python=python)
+    assert "ASU Trainer loaded" in result.stdout + result.stderr
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+    assert (out / "model.safetensors").is_file()

@@ -151,3 +151,16 @@ def test_the_wheel_ships_configs_and_the_hydra_plugin(tmp_path):
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "[open_unlearning.trainers]" in text and "ASU = asu_simu_plugin.harness:ASU" in text
+
+
+@pytest.mark.parametrize(
+    "value, enabled", [(None, True), ("1", True), ("0", False), ("false", False), ("OFF", False)]
+)
+def test_registration_can_be_turned_off(monkeypatch, value, enabled):
+    from hydra_plugins.asu_simu_plugin_searchpath import REGISTER_ENV, registration_enabled
+
+    if value is None:
+        monkeypatch.delenv(REGISTER_ENV, raising=False)
+    else:
+        monkeypatch.setenv(REGISTER_ENV, value)
+    assert registration_enabled() is enabled

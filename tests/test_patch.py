@@ -1,25 +1,36 @@
-"""patches/: applies to a clean open-unlearning checkout and makes its registries read entry points.
+"""patches/: three commits for open-unlearning, checked on a clean copy of a real checkout.
 
-Everything runs on copies of OPEN_UNLEARNING_SRC (the checkout itself is only read), with the
-harness's own Python (HARNESS_PY) in subprocesses. The plugin used is a throwaway distribution
-written to tmp_path, so the tests do not depend on what HARNESS_PY has installed.
+0001 makes the registries read entry points, 0002 adds an optimizer registry, 0003 adds
+community/methods/ASU and SIMU. Everything runs on copies of OPEN_UNLEARNING_SRC (the checkout
+itself is only read), with the harness's own Python (HARNESS_PY) in subprocesses. Most tests use
+a throwaway plugin distribution written to tmp_path, so they do not depend on what HARNESS_PY has
+installed; the last ones run this package through its entry points alone.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import textwrap
 from pathlib import Path
 
 import pytest
-from harness_support import CPU_TRAIN_OVERRIDES, model_overrides, save_tiny_harness_model
+from harness_support import (
+    CPU_TRAIN_OVERRIDES,
+    install_into_fresh_venv,
+    model_overrides,
+    run_harness,
+    save_tiny_harness_model,
+    venv_without_us,
+)
 
 pytestmark = pytest.mark.harness
 
 PATCHES = sorted((Path(__file__).parent.parent / "patches").glob("*.patch"))
+GIT_IDENTITY = ["-c", "user.name=patch-test", "-c", "user.email=patch-test@localhost"]
 SKIP_NO_CHECKOUT = (
     "set OPEN_UNLEARNING_SRC to an open-unlearning checkout (see README: harness tier)"
 )
@@ -53,24 +64,44 @@ def harness_python() -> str:
 
 
 def clean_copy(checkout: Path, dest: Path) -> Path:
-    """The checkout's committed tree (a git clone) or, outside git, a copy of its files."""
+    """The checkout's committed tree (a git clone) or, outside git, a copy of its files as one
+    commit (so that `git am` can apply the patches)."""
     if (checkout / ".git").exists():
         subprocess.run(["git", "clone", "--quiet", str(checkout), str(dest)], check=True)
     else:
         shutil.copytree(checkout, dest, symlinks=True, ignore=shutil.ignore_patterns("saves*"))
+        for command in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "checkout"]):
+            subprocess.run(["git", *GIT_IDENTITY, *command], cwd=dest, check=True)
     for name in DATA_ENTRIES:
         if (checkout / name).exists() and not (dest / name).exists():
             (dest / name).symlink_to((checkout / name).resolve())
     return dest
 
 
-def apply_patches(copy: Path) -> None:
-    for patch in PATCHES:
-        check = subprocess.run(
-            ["git", "apply", "--check", str(patch)], cwd=copy, capture_output=True, text=True
+def apply_patches(copy: Path, patches=None) -> None:
+    """`git am` each patch in order: every one must apply as one commit."""
+    for patch in PATCHES if patches is None else patches:
+        before = git_head(copy)
+        result = subprocess.run(
+            ["git", *GIT_IDENTITY, "am", "--quiet", str(patch)],
+            cwd=copy,
+            capture_output=True,
+            text=True,
         )
-        assert check.returncode == 0, f"{patch.name} does not apply: {check.stderr}"
-        subprocess.run(["git", "apply", str(patch)], cwd=copy, check=True)
+        assert result.returncode == 0, f"{patch.name} does not apply: {result.stderr}"
+        count = subprocess.run(
+            ["git", "rev-list", "--count", f"{before}..HEAD"],
+            cwd=copy,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        assert count == "1", f"{patch.name} made {count} commits, not one"
+
+
+def git_head(checkout: Path) -> str:
+    return subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=checkout, capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 def git_state(checkout: Path) -> tuple[str, str] | None:
@@ -199,10 +230,13 @@ def harness_env(site: Path | None = None, **extra: str) -> dict[str, str]:
     return env
 
 
-def run_in_harness(checkout: Path, code: str, site: Path | None, *argv: str) -> dict:
-    """Run `code` with HARNESS_PY in `<checkout>/src`; return its `RESULT {json}` line + stderr."""
+def run_in_harness(
+    checkout: Path, code: str, site: Path | None, *argv: str, python: str | None = None
+) -> dict:
+    """Run `code` with HARNESS_PY (or `python`) in `<checkout>/src`; return its `RESULT {json}`
+    line + stderr."""
     result = subprocess.run(
-        [harness_python(), "-c", textwrap.dedent(code), *argv],
+        [python or harness_python(), "-c", textwrap.dedent(code), *argv],
         cwd=checkout / "src",
         env=harness_env(site),
         capture_output=True,
@@ -214,23 +248,88 @@ def run_in_harness(checkout: Path, code: str, site: Path | None, *argv: str) -> 
     return {**json.loads(line[len("RESULT ") :]), "stderr": result.stderr}
 
 
-def test_there_is_a_patch():
-    assert PATCHES, "patches/ holds no .patch file"
+PATCH_NAMES = [
+    "0001-load-plugins-from-entry-points.patch",
+    "0002-optimizer-registry.patch",
+    "0003-community-methods-asu-simu.patch",
+]
 
 
-def test_every_patch_applies_to_a_clean_copy_and_the_checkout_is_untouched(tmp_path):
+def test_the_patches_are_the_three_pull_requests():
+    assert [p.name for p in PATCHES] == PATCH_NAMES
+    for patch in PATCHES:
+        text = patch.read_text()
+        assert len(re.findall(r"^From [0-9a-f]{40} ", text, flags=re.M)) == 1, patch.name
+    touched = {p.name: re.findall(r"^diff --git a/(\S+)", p.read_text(), re.M) for p in PATCHES}
+    assert "src/open_unlearning_plugins.py" in touched[PATCH_NAMES[0]]
+    assert {"docs/components.md", "docs/contributing.md"} <= set(touched[PATCH_NAMES[0]])
+    assert touched[PATCH_NAMES[1]] == ["docs/components.md", "src/trainer/__init__.py"]
+    assert sorted(touched[PATCH_NAMES[2]]) == [
+        "community/methods/ASU/README.md",
+        "community/methods/ASU/run.sh",
+        "community/methods/SIMU/README.md",
+        "community/methods/SIMU/run.sh",
+    ]
+    # no module that an installed package could shadow (or be shadowed by)
+    assert not any(path == "src/plugins.py" for paths in touched.values() for path in paths)
+
+
+def test_the_patches_apply_in_order_each_as_one_commit_and_the_checkout_is_untouched(tmp_path):
     checkout = harness_checkout()
     before = git_state(checkout)
     copy = clean_copy(checkout, tmp_path / "open-unlearning")
     apply_patches(copy)
-    assert (copy / "src" / "plugins.py").is_file()
+    assert (copy / "src" / "open_unlearning_plugins.py").is_file()
+    assert not (copy / "src" / "plugins.py").exists()
+    for method in ("ASU", "SIMU"):
+        readme = (copy / "community" / "methods" / method / "README.md").read_text()
+        run_sh = (copy / "community" / "methods" / method / "run.sh").read_text()
+        assert "pip install asu-simu-plugin" in readme
+        assert f"trainer={method}" in run_sh
+        syntax = subprocess.run(["bash", "-n", "-"], input=run_sh, capture_output=True, text=True)
+        assert syntax.returncode == 0, syntax.stderr
     assert git_state(checkout) == before
 
 
+def test_the_community_methods_patch_applies_on_its_own(tmp_path):
+    copy = clean_copy(harness_checkout(), tmp_path / "open-unlearning")
+    apply_patches(copy, [PATCHES[2]])
+
+
+def pinned_ruff_version(checkout: Path) -> str:
+    """The ruff version the harness's CI installs before `make quality`."""
+    for workflow in sorted((checkout / ".github" / "workflows").glob("*.y*ml")):
+        found = re.search(r"pip install ruff==([\w.]+)", workflow.read_text())
+        if found:
+            return found.group(1)
+    pytest.fail("no `pip install ruff==...` in the harness's .github/workflows")
+
+
+def test_the_patched_checkout_passes_the_harness_lint(patched_checkout):
+    """`make quality` with the ruff version the harness's CI pins (HARNESS_RUFF, else the ruff
+    beside HARNESS_PY)."""
+    version = pinned_ruff_version(patched_checkout)
+    ruff = os.environ.get("HARNESS_RUFF") or str(Path(harness_python()).parent / "ruff")
+    try:
+        found = subprocess.run([ruff, "--version"], capture_output=True, text=True).stdout
+    except FileNotFoundError:
+        found = ""
+    if found.split()[-1:] != [version]:
+        pytest.skip(
+            f"the harness lints with ruff {version}: `pip install ruff=={version}` beside "
+            f"HARNESS_PY, or point HARNESS_RUFF at one (found {found.strip() or 'none'})"
+        )
+    env = {**os.environ, "PATH": f"{Path(ruff).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(
+        ["make", "quality"], cwd=patched_checkout, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
 REGISTRY_SCRIPT = """
-import json, logging, sys
+import inspect, json, logging, sys
 logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
-import torch
+import torch, transformers
 from omegaconf import OmegaConf
 # the imports of src/train.py, in its order
 from data import get_data, get_collators
@@ -262,25 +361,21 @@ def net():
 
 args = {"output_dir": out_dir, "learning_rate": 0.5, "weight_decay": 0.1, "report_to": "none",
         "use_cpu": True}
-cfg = OmegaConf.create({"handler": "ToyTrainer", "args": args, "optimizer": {
-    "handler": "ToyOptimizer", "args": {"momentum": 0.9, "weight_decay": 0.25}}})
-toy_trainer, trainer_args = load_trainer(cfg, net())
-toy_trainer.create_optimizer_and_scheduler(num_training_steps=10)
-optimizer = toy_trainer.optimizer
-groups = [[g["lr"], g["weight_decay"], g["momentum"], len(g["params"])]
-          for g in optimizer.param_groups]
 
-default_trainer, _ = load_trainer(OmegaConf.create({"handler": "GradDiff", "args": args}), net())
-default_trainer.create_optimizer()
-try:
-    load_trainer(OmegaConf.create({"handler": "GradDiff", "args": args,
-                                   "optimizer": {"handler": "NoSuchOptimizer"}}), net())
-    unknown = None
-except NotImplementedError as error:
-    unknown = str(error)
+def trainer_with(optimizer):
+    cfg = {"handler": "ToyTrainer", "args": args}
+    if optimizer is not None:
+        cfg["optimizer"] = optimizer
+    return load_trainer(OmegaConf.create(cfg), net())
 
-registry = trainer.TRAINER_REGISTRY
-print("RESULT " + json.dumps({
+def error_of(optimizer):
+    try:
+        trainer_with(optimizer)
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+
+toy_trainer, _ = trainer_with(None)
+result = {
     "at_import": at_import,
     "model": [type(toy_model).__name__, toy_model.kwargs["pretrained_model_name_or_path"]],
     "dataset": [type(dataset).__name__, dataset.size],
@@ -288,17 +383,34 @@ print("RESULT " + json.dumps({
     "evaluator": [type(evaluators["toy"]).__name__,
                   {k: v.name for k, v in evaluators["toy"].metrics.items()}],
     "trainer": type(toy_trainer).__name__,
-    "optimizer": type(optimizer).__name__,
-    "groups": groups,
-    "trainer_weight_decay": trainer_args.weight_decay,
-    "scheduler_bound": toy_trainer.lr_scheduler.optimizer is optimizer,
-    "default_optimizer": type(default_trainer.optimizer).__name__,
-    "default_overridden": "get_optimizer_cls_and_kwargs" in vars(default_trainer),
-    "unknown": unknown,
-    "graddiff": registry["GradDiff"].__module__,
-    "self_registered": registry["ToySelfRegistered"] is registry["ToyTrainer"],
-    "broken": "Broken" in registry,
-}))
+    "graddiff": trainer.TRAINER_REGISTRY["GradDiff"].__module__,
+    "self_registered": (trainer.TRAINER_REGISTRY["ToySelfRegistered"]
+                        is trainer.TRAINER_REGISTRY["ToyTrainer"]),
+    "broken": "Broken" in trainer.TRAINER_REGISTRY,
+    "supported": "optimizer_cls_and_kwargs" in inspect.signature(transformers.Trainer).parameters,
+}
+# without `optimizer`, transformers builds what trainer.args.optim names, as before
+toy_trainer.create_optimizer()
+result["default_optimizer"] = type(toy_trainer.optimizer).__name__
+toy_optimizer = {"handler": "ToyOptimizer", "args": {"momentum": 0.9}}
+if result["supported"]:
+    with_optimizer, trainer_args = trainer_with(toy_optimizer)
+    with_optimizer.create_optimizer_and_scheduler(num_training_steps=10)
+    optimizer = with_optimizer.optimizer
+    result.update({
+        "optimizer": type(optimizer).__name__,
+        "groups": [[g["lr"], g["weight_decay"], g["momentum"], len(g["params"])]
+                   for g in optimizer.param_groups],
+        "trainer_weight_decay": trainer_args.weight_decay,
+        "scheduler_bound": with_optimizer.lr_scheduler.optimizer is optimizer,
+        "patched_instance": "get_optimizer_cls_and_kwargs" in vars(with_optimizer),
+        "unknown": error_of({"handler": "NoSuchOptimizer"}),
+        "lr_in_args": error_of({"handler": "SGD", "args": {"lr": 0.1}}),
+        "wd_in_args": error_of({"handler": "SGD", "args": {"weight_decay": 0.1}}),
+    })
+else:
+    result["too_old"] = error_of(toy_optimizer)
+print("RESULT " + json.dumps(result))
 """
 
 
@@ -312,16 +424,6 @@ def test_registries_load_plugins_at_lookup_time(patched_checkout, tmp_path):
     assert out["collator"] == ["ToyCollator", {"pad": 1}]
     assert out["evaluator"] == ["ToyEvaluator", {"forget_toy": "toy_metric"}]
     assert out["trainer"] == "ToyTrainer"
-    # HF's create_optimizer built it: lr from trainer.args, weight decay from optimizer.args on
-    # the Linear weight only (its bias and both LayerNorm parameters get none)
-    assert out["optimizer"] == "ToyOptimizer"
-    assert out["groups"] == [[0.5, 0.25, 0.9, 1], [0.5, 0.0, 0.9, 3]]
-    assert out["trainer_weight_decay"] == 0.25
-    assert out["scheduler_bound"] is True
-    # without `optimizer` in the trainer config, nothing changes
-    assert out["default_overridden"] is False
-    assert out["default_optimizer"] == "AdamW"
-    assert "NoSuchOptimizer" in out["unknown"] and "'ToyOptimizer'" in out["unknown"]
     # the built-in wins; the shadowing attempt is reported once, however many lookups
     assert out["graddiff"] == "trainer.unlearn.grad_diff"
     stderr = out["stderr"]
@@ -333,11 +435,46 @@ def test_registries_load_plugins_at_lookup_time(patched_checkout, tmp_path):
     # the same object under the same name (self-registration) is silent
     assert out["self_registered"] is True
     assert "ToySelfRegistered" not in stderr
+    assert out["default_optimizer"] == "AdamW"
+
+
+def test_optimizer_registry_hands_transformers_the_class_and_kwargs(patched_checkout, tmp_path):
+    site = write_toy_plugin(tmp_path / "site")
+    out = run_in_harness(patched_checkout, REGISTRY_SCRIPT, site, str(tmp_path / "out"))
+    if not out["supported"]:
+        # the harness's transformers predates Trainer(optimizer_cls_and_kwargs=...): one line
+        assert out["too_old"].startswith("RuntimeError: trainer.optimizer needs transformers >=")
+        pytest.skip("transformers < 4.47 in HARNESS_PY: only the error path is checked")
+    # transformers' create_optimizer built it: lr from trainer.args, weight decay from
+    # trainer.args on the Linear weight only (its bias and both LayerNorm parameters get none)
+    assert out["optimizer"] == "ToyOptimizer"
+    assert out["groups"] == [[0.5, 0.1, 0.9, 1], [0.5, 0.0, 0.9, 3]]
+    assert out["trainer_weight_decay"] == 0.1  # untouched
+    assert out["scheduler_bound"] is True
+    assert out["patched_instance"] is False  # nothing patched onto the trainer
+    assert "NoSuchOptimizer" in out["unknown"] and "'ToyOptimizer'" in out["unknown"]
+    assert out["lr_in_args"] == (
+        "ValueError: trainer.optimizer.args.lr is not used: set trainer.args.learning_rate instead"
+    )
+    assert out["wd_in_args"] == (
+        "ValueError: trainer.optimizer.args.weight_decay is not used: set "
+        "trainer.args.weight_decay instead"
+    )
+
+
+def harness_supports_optimizer_cls_and_kwargs() -> bool:
+    probe = (
+        "import inspect, transformers; "
+        "print('optimizer_cls_and_kwargs' in inspect.signature(transformers.Trainer).parameters)"
+    )
+    out = subprocess.run([harness_python(), "-c", probe], capture_output=True, text=True)
+    return out.stdout.strip() == "True"
 
 
 @pytest.mark.slow
 def test_patched_train_py_runs_a_plugin_trainer_with_a_plugin_optimizer(patched_checkout, tmp_path):
-    harness_python()
+    if not harness_supports_optimizer_cls_and_kwargs():
+        pytest.skip("transformers < 4.47 in HARNESS_PY: trainer.optimizer is unavailable")
     site = write_toy_plugin(tmp_path / "site")
     model_dir = save_tiny_harness_model(tmp_path / "model")
     run_dir = tmp_path / "run"
@@ -374,7 +511,7 @@ import json, logging
 logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
 from importlib.metadata import entry_points
 import model, trainer
-from plugins import load_entry_points
+from open_unlearning_plugins import load_entry_points
 ours = {ep.name: ep.value for kind in ("trainers", "optimizers", "models")
         for ep in entry_points(group="open_unlearning." + kind)
         if ep.value.startswith("asu_simu_plugin.")}
@@ -388,11 +525,84 @@ print("RESULT " + json.dumps({"ours": ours, "found": found, "again": harness.reg
 """
 
 
-def test_installed_asu_simu_plugin_registers_through_entry_points(patched_checkout):
-    out = run_in_harness(patched_checkout, INSTALLED_SCRIPT, None)
-    if not out["ours"]:
-        pytest.skip("asu-simu-plugin is not installed in HARNESS_PY (pip install it there)")
+@pytest.fixture(scope="module")
+def python_with_us(tmp_path_factory) -> str:
+    """HARNESS_PY's packages plus this package freshly installed (`pip install .`), so that its
+    entry points are exactly those pyproject.toml declares now."""
+    harness_python()
+    return install_into_fresh_venv(tmp_path_factory.mktemp("with_us"), editable=False)
+
+
+def test_installed_asu_simu_plugin_registers_through_entry_points(patched_checkout, python_with_us):
+    out = run_in_harness(patched_checkout, INSTALLED_SCRIPT, None, python=python_with_us)
+    expected = {"ASU", "SIMU", "SOGradDiff", "SONPO", "SophiaG", "TemperedCausalLM"}
+    assert expected <= set(out["ours"])
     assert out["found"] == out["ours"]
     # its Hydra-plugin registration, run after the entry points, finds everything in place
     assert out["again"] == []
     assert "skipped" not in out["stderr"], out["stderr"][-3000:]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return save_tiny_harness_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def train_args(tiny_model, out, *overrides):
+    return [
+        "--config-name=unlearn.yaml",
+        "experiment=unlearn/tofu/default",
+        *overrides,
+        f"task_name={out.name}",
+        *model_overrides(tiny_model),
+        *CPU_TRAIN_OVERRIDES,
+        "+trainer.args.max_steps=2",
+        f"paths.output_dir={out}",
+    ]
+
+
+NO_REGISTRATION = {"ASU_SIMU_PLUGIN_REGISTER": "0"}  # our Hydra plugin then only adds configs
+
+
+def test_trainer_asu_runs_through_entry_points_alone(
+    patched_checkout, python_with_us, tiny_model, tmp_path
+):
+    """With the Hydra plugin's registration off, the patched harness finds ASU through its entry
+    point; the unpatched one (the control) does not find it at all."""
+    checkout = harness_checkout()
+    unpatched = subprocess.run(
+        [python_with_us, "src/train.py", *train_args(tiny_model, tmp_path / "x", "trainer=ASU")],
+        cwd=checkout,
+        env=harness_env(None, **NO_REGISTRATION),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert unpatched.returncode != 0
+    assert "ASU not implemented or not registered" in unpatched.stderr, unpatched.stderr[-3000:]
+
+    out = tmp_path / "asu"
+    result = run_harness(
+        "train.py",
+        train_args(tiny_model, out, "trainer=ASU"),
+        checkout=patched_checkout,
+        python=python_with_us,
+        env=NO_REGISTRATION,
+    )
+    assert "ASU Trainer loaded" in result.stdout + result.stderr
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+
+
+def test_the_harness_graddiff_still_runs_without_any_plugin(patched_checkout, tiny_model, tmp_path):
+    """A user who installs no plugin: the patched harness's own GradDiff, in a venv without us."""
+    python = venv_without_us(tmp_path / "venv")
+    out = tmp_path / "graddiff"
+    result = run_harness(
+        "train.py",
+        train_args(tiny_model, out, "trainer=GradDiff"),
+        checkout=patched_checkout,
+        python=python,
+    )
+    assert "GradDiff Trainer loaded" in result.stdout + result.stderr
+    assert "open_unlearning." not in result.stderr  # no entry-point warning of any kind
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2

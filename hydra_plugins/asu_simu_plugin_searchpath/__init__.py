@@ -6,11 +6,14 @@ Hydra imports every `hydra_plugins.*` module at start-up, in every Hydra applica
 2. registers our trainers / model handlers into the harness registries, but only when the
    running program is open-unlearning's own `src/train.py` or `src/eval.py`. Any other Hydra
    application is left untouched, and nothing here may break one (errors become warnings).
+   `ASU_SIMU_PLUGIN_REGISTER=0` turns this part off: a harness that reads entry points (the
+   patch in `patches/`) then finds our classes through them alone.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -21,6 +24,7 @@ from hydra.plugins.search_path_plugin import SearchPathPlugin
 logger = logging.getLogger(__name__)
 
 HARNESS_SCRIPTS = ("train.py", "eval.py")
+REGISTER_ENV = "ASU_SIMU_PLUGIN_REGISTER"
 
 
 def running_harness_script() -> Path | None:
@@ -46,9 +50,12 @@ class AsuSimuSearchPathPlugin(SearchPathPlugin):
         search_path.append(provider="asu-simu-plugin", path=f"file://{config_dir()}")
 
 
+def registration_enabled() -> bool:
+    return os.environ.get(REGISTER_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def _register_with_harness() -> None:
-    script = running_harness_script()
-    if script is None:
+    if not registration_enabled() or running_harness_script() is None:
         return
     try:
         from asu_simu_plugin.harness import register
