@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from asu_simu_plugin import losses, toy
+from asu_simu_plugin import attention, losses, toy
 from asu_simu_plugin.attention import attention_temperature
 from asu_simu_plugin.cli.demo import finetune
 from asu_simu_plugin.data import PadCollator, QADataset
@@ -110,6 +110,24 @@ def forward_hooks(model) -> dict[str, int]:
     return {name: len(m._forward_hooks) for name, m in model.named_modules() if m._forward_hooks}
 
 
+def tempering(model) -> dict[str, str]:
+    """Where an attention temperature sits: forward hooks (the query route) or an attention
+    module whose `scaling` is no longer 1/√head_dim (the scaling route, transformers >= 4.48)."""
+    found = {name: "hook" for name in forward_hooks(model)}
+    for name, module in model.named_modules():
+        scaling = vars(module).get("scaling")
+        if isinstance(scaling, float) and scaling != module.head_dim**-0.5:
+            found[name] = "scaling"
+    return found
+
+
+def tempered(layers) -> dict[str, str]:
+    """What `tempering` finds on a teacher tempered on `layers` (by transformers version)."""
+    if attention.SCALING_ROUTE:
+        return {f"model.layers.{i}.self_attn": "scaling" for i in layers}
+    return {f"model.layers.{i}.self_attn.q_proj": "hook" for i in layers}
+
+
 @pytest.mark.parametrize(
     "args",
     [
@@ -140,8 +158,8 @@ def test_one_frozen_copy_serves_teacher_and_reference(world, tmp_path, args):
 
     assert not any(p.requires_grad for p in teacher.parameters())
     assert not teacher.training
-    assert forward_hooks(model) == {}  # the student always runs at τ = 1
-    assert forward_hooks(teacher) == {f"model.layers.{i}.self_attn.q_proj": 1 for i in range(4)}
+    assert tempering(model) == {}  # the student always runs at τ = 1
+    assert tempering(teacher) == tempered(range(4))
     assert trainer.layers == [0, 1, 2, 3]  # None = all layers
 
 
@@ -173,7 +191,7 @@ def test_loss_equals_a_hand_recomputation(world, tmp_path, retain_loss_type):
     forget, retain = batch["forget"], batch["retain"]
     loss = trainer.compute_loss(trainer.model, batch)
     student = trainer.model
-    assert forward_hooks(student) == {}  # the embedding capture leaves no hook behind
+    assert tempering(student) == {}  # the embedding capture leaves no hook behind
 
     embed = retain_loss_type == "EMBED_MSE"
 
@@ -305,14 +323,14 @@ def test_saved_model_is_a_plain_transformers_model(world, tmp_path):
         trained = trainer.model.eval()(ids).logits
         torch.testing.assert_close(loaded(ids).logits, trained, rtol=0, atol=0)
         assert not torch.allclose(original(ids).logits, trained)  # the student, not the original
-    assert forward_hooks(loaded) == {}
+    assert tempering(loaded) == {}
 
 
 def test_layers_select_the_tempered_layers(world, tmp_path):
     original = copy.deepcopy(world[0])
     trainer = asu(world, tmp_path, layers=[1], temperature=3.0)
     assert trainer.teacher_temperature.layers == [1] and trainer.layers == [1]
-    assert forward_hooks(trainer.ref_model) == {"model.layers.1.self_attn.q_proj": 1}
+    assert tempering(trainer.ref_model) == tempered([1])
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])["forget"]
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     teacher = trainer.teacher_logits(inputs)
