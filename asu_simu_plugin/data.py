@@ -7,7 +7,9 @@ label -100, the answer (closed by the eos token) keeps its labels.
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -15,24 +17,75 @@ from torch.utils.data import Dataset
 
 from asu_simu_plugin.losses import IGNORE_INDEX
 
+logger = logging.getLogger(__name__)
+
+
+class DataFormatError(ValueError):
+    """A question/answer file that cannot be read as JSON lines (the message names file:line)."""
+
+
+def _text(value, path, number, key):
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)  # a numeric answer ("1987") is text to the tokenizer
+    kind = "null" if value is None else type(value).__name__
+    raise DataFormatError(f"{path}:{number}: {key!r} is {kind}; expected text")
+
 
 def load_qa_jsonl(path, question_key="question", answer_key="answer") -> list[dict[str, str]]:
-    """Read question/answer JSON lines; refuses files that are empty or lack the keys."""
+    """Read question/answer JSON lines; refuses anything else with the file and line named.
+
+    One JSON object per line holding `question_key` and `answer_key` with text (numbers are
+    turned into text; null, booleans, lists and objects are refused); blank lines are skipped.
+    """
     path = Path(path)
+    expected = f"JSON lines with {question_key!r} and {answer_key!r}"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file (expected {expected})")
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: no such file (expected JSON lines with {question_key!r} and {answer_key!r})"
+        raise DataFormatError(f"{path} is not a file (expected {expected})")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except PermissionError:
+        raise PermissionError(f"{path} is not readable (check its permissions)") from None
+    except UnicodeDecodeError as error:
+        raise DataFormatError(
+            f"{path}: not UTF-8 text (byte {error.start}); save it as UTF-8 JSON lines"
+        ) from None
+    if text.lstrip().startswith("["):
+        raise DataFormatError(
+            f"{path}:1: a JSON array; expected {expected}, one object per line "
+            f"(convert it with: jq -c '.[]' {path} > {path.with_suffix('.jsonl')})"
         )
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
             row = json.loads(line)
-            missing = [k for k in (question_key, answer_key) if k not in row]
-            if missing:
-                raise KeyError(f"{path}:{number} lacks {missing}; keys present: {sorted(row)}")
-            rows.append({"question": str(row[question_key]), "answer": str(row[answer_key])})
+        except json.JSONDecodeError as error:
+            raise DataFormatError(
+                f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno}); "
+                f"expected {expected}, one object per line"
+            ) from None
+        if not isinstance(row, dict):
+            raise DataFormatError(
+                f"{path}:{number}: a JSON {type(row).__name__}; expected an object with "
+                f"{question_key!r} and {answer_key!r}"
+            )
+        missing = [k for k in (question_key, answer_key) if k not in row]
+        if missing:
+            raise KeyError(
+                f"{path}:{number} lacks {missing}; keys present: {sorted(row)} "
+                "(other names: --question-key / --answer-key)"
+            )
+        rows.append(
+            {
+                "question": _text(row[question_key], path, number, question_key),
+                "answer": _text(row[answer_key], path, number, answer_key),
+            }
+        )
     if not rows:
         raise ValueError(f"{path} holds no examples: an empty forget/retain set cannot be used")
     return rows
@@ -87,6 +140,7 @@ class QADataset(Dataset):
         if not rows:
             raise ValueError("empty question/answer set")
         self.rows = rows
+        self.max_length = max_length
         self.items = [
             encode_qa(tokenizer, r["question"], r["answer"], max_length, system_prompt)
             for r in rows
@@ -97,6 +151,38 @@ class QADataset(Dataset):
 
     def __getitem__(self, index):
         return self.items[index]
+
+    def answer_token_counts(self) -> list[int]:
+        """Answer tokens (labels other than -100) each example keeps after truncation."""
+        return [int((item["labels"] != IGNORE_INDEX).sum()) for item in self.items]
+
+    def without_empty_answers(self, name: str = "data") -> QADataset:
+        """This set minus the examples whose answer truncation removed entirely (reported).
+
+        Such an example has no token to score: a batch made of them only gives a NaN loss.
+        Raises when no example keeps an answer token.
+        """
+        counts = self.answer_token_counts()
+        keep = [i for i, count in enumerate(counts) if count > 0]
+        if len(keep) == len(counts):
+            return self
+        if not keep:
+            raise ValueError(
+                f"no {name} example keeps an answer token after truncation to {self.max_length} "
+                "tokens (the prompts fill it): raise the maximum length (--max-length)"
+            )
+        logger.warning(
+            "%d of %d %s examples have no answer token left after truncation to %d tokens and "
+            "are left out (raise --max-length to keep them)",
+            len(counts) - len(keep),
+            len(counts),
+            name,
+            self.max_length,
+        )
+        subset = copy.copy(self)
+        subset.rows = [self.rows[i] for i in keep]
+        subset.items = [self.items[i] for i in keep]
+        return subset
 
 
 class ForgetRetainDataset(Dataset):

@@ -71,26 +71,15 @@ def test_unlearn_writes_a_plain_model_and_its_run_record(files, tmp_path, method
         assert (out / "simu_masks.safetensors").is_file()
 
 
-def test_empty_forget_set_is_refused(files, tmp_path):
+def test_empty_forget_set_is_refused(files, tmp_path, capsys):
     model_dir, _, retain = files
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    with pytest.raises(ValueError, match="empty"):
-        main(
-            [
-                "unlearn",
-                "--method",
-                "asu",
-                "--model",
-                str(model_dir),
-                "--forget",
-                str(empty),
-                "--retain",
-                str(retain),
-                "--output",
-                str(tmp_path / "o"),
-            ]
-        )
+    args = ["unlearn", "--method", "asu", "--model", str(model_dir), "--forget", str(empty)]
+    code = main([*args, "--retain", str(retain), "--output", str(tmp_path / "o")])
+    assert code == 2
+    assert "holds no examples" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
 
 
 def test_neurons_sweep_writes_csv_png_and_a_reusable_mask(files, tmp_path):

@@ -34,7 +34,6 @@ import contextlib
 import io
 import math
 import time
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -43,9 +42,15 @@ from transformers.utils import logging as hf_logging
 
 from asu_simu_plugin import toy
 from asu_simu_plugin.attention import attention_temperature
+from asu_simu_plugin.cli.checks import (
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from asu_simu_plugin.data import PadCollator, QADataset, prompt_and_answer_text
 from asu_simu_plugin.diagnostics import answer_probability
-from asu_simu_plugin.runner import RunSettings, run_unlearning
+from asu_simu_plugin.runner import RunSettings, prepare_output, run_unlearning
 from asu_simu_plugin.tau_sweep import tau_sweep
 
 SYSTEM_PROMPT = "You are a helpful librarian. Answer the question about the author in one sentence."
@@ -170,7 +175,9 @@ def quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def run_demo(output_dir="asu_demo", seed: int = 0, progress: bool = True, **overrides) -> dict:
+def run_demo(
+    output_dir="asu_demo", seed: int = 0, progress: bool = True, overwrite=False, **overrides
+) -> dict:
     """Train a toy target, unlearn author 0 with ASU, print and return the before/after table.
 
     `overrides` replace entries of DEFAULTS (e.g. `finetune_epochs=60, temperature=3`).
@@ -182,18 +189,23 @@ def run_demo(output_dir="asu_demo", seed: int = 0, progress: bool = True, **over
     if unknown:
         raise ValueError(f"unknown demo setting(s) {unknown}; known: {sorted(DEFAULTS)}")
     settings = {**DEFAULTS, **overrides}
+    # Checked (and made writable) before the half minute of fine-tuning.
+    plan = prepare_output(output_dir, overwrite=overwrite)
     # The matrices are tiny: a second thread gains little on an idle machine and, busy-waiting,
     # makes the demo several times slower when other processes compete for the cores.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with quiet_transformers():
-            return _run_demo(Path(output_dir), seed, progress, settings)
+            return _run_demo(plan, seed, progress, settings)
+    except BaseException:
+        plan.abandon()
+        raise
     finally:
         torch.set_num_threads(threads)
 
 
-def _run_demo(output_dir: Path, seed: int, progress: bool, settings: dict) -> dict:
+def _run_demo(plan, seed: int, progress: bool, settings: dict) -> dict:
     start = time.perf_counter()
     torch.manual_seed(seed)
     authors = toy.make_authors(settings["authors"], seed=seed, balanced=True)
@@ -264,10 +276,11 @@ def _run_demo(output_dir: Path, seed: int, progress: bool, settings: dict) -> di
             tokenizer,
             forget_rows * settings["forget_repeats"],
             retain_rows,
-            output_dir,
+            plan.output,
             method_args,
             run,
             source="toy target (asu-simu demo)",
+            plan=plan,
         )
     after = measure_both(trainer.model)
     elapsed = time.perf_counter() - start
@@ -276,7 +289,7 @@ def _run_demo(output_dir: Path, seed: int, progress: bool, settings: dict) -> di
         "teacher": teacher,
         "after": after,
         "seconds": elapsed,
-        "output_dir": str(output_dir),
+        "output_dir": str(plan.output),
         "settings": settings,
     }
     print_table(authors[0].name, forget_rows, retain_rows, result)
@@ -343,18 +356,36 @@ def print_table(name, forget_rows, retain_rows, result) -> None:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--output", default="asu_demo", help="where the unlearned model goes")
-    parser.add_argument("--seed", type=int, default=0, help="a different world of authors")
     parser.add_argument(
-        "--temperature", type=float, default=DEFAULTS["temperature"], help="ASU's tau"
+        "--overwrite", action="store_true", help="replace an existing non-empty --output"
     )
     parser.add_argument(
-        "--gamma", type=float, default=DEFAULTS["gamma"], help="forget (distillation) weight"
+        "--seed", type=non_negative_int, default=0, help="a different world of authors"
     )
     parser.add_argument(
-        "--alpha", type=float, default=DEFAULTS["alpha"], help="retain (NLL) weight"
+        "--temperature", type=positive_float, default=DEFAULTS["temperature"], help="ASU's tau"
     )
-    parser.add_argument("--unlearn-epochs", type=float, default=DEFAULTS["unlearn_epochs"])
-    parser.add_argument("--finetune-epochs", type=int, default=DEFAULTS["finetune_epochs"])
+    parser.add_argument(
+        "--gamma",
+        type=non_negative_float,
+        default=DEFAULTS["gamma"],
+        help="forget (distillation) weight",
+    )
+    parser.add_argument(
+        "--alpha", type=non_negative_float, default=DEFAULTS["alpha"], help="retain (NLL) weight"
+    )
+    parser.add_argument(
+        "--unlearn-epochs",
+        type=positive_float,
+        default=DEFAULTS["unlearn_epochs"],
+        help="ASU epochs",
+    )
+    parser.add_argument(
+        "--finetune-epochs",
+        type=positive_int,
+        default=DEFAULTS["finetune_epochs"],
+        help="epochs that teach the tiny model its authors first",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -363,6 +394,7 @@ def run(args) -> int:
         args.output,
         seed=args.seed,
         progress=not args.quiet,
+        overwrite=args.overwrite,
         temperature=args.temperature,
         gamma=args.gamma,
         alpha=args.alpha,

@@ -14,41 +14,88 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from asu_simu_plugin.cli import usage_checks
+from asu_simu_plugin.cli.checks import model_source, number_list, positive_int, unit_interval
+
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True)
+    parser.add_argument(
+        "--model", required=True, type=model_source, help="local model folder (or hub id)"
+    )
     parser.add_argument("--data", required=True, help="forget set, question/answer JSON lines")
     parser.add_argument("--retain", default=None, help="retain set (needed for --mode forget_only)")
-    parser.add_argument("--thresholds", default="0.1,0.2,0.3,0.4,0.5")
-    parser.add_argument("--mode", default="dual", choices=["dual", "forget_only"])
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--max-examples", type=int, default=None)
+    parser.add_argument(
+        "--thresholds", default="0.1,0.2,0.3,0.4,0.5", help="comma-separated, each in (0, 1]"
+    )
+    parser.add_argument(
+        "--mode",
+        default="dual",
+        choices=["dual", "forget_only"],
+        help="forget_only drops neurons also critical on --retain",
+    )
+    parser.add_argument(
+        "--steps", type=positive_int, default=20, help="integrated-gradients Riemann steps"
+    )
+    parser.add_argument("--batch-size", type=positive_int, default=4, help="examples per batch")
+    parser.add_argument(
+        "--max-length", type=positive_int, default=512, help="tokens per example (truncation)"
+    )
+    parser.add_argument(
+        "--max-examples", type=positive_int, default=None, help="use the first N examples only"
+    )
     parser.add_argument(
         "--chunk-size",
-        type=int,
+        type=positive_int,
         default=None,
         help="batch copies per forward pass (lower it if memory is short)",
     )
-    parser.add_argument("--system-prompt", default=None)
-    parser.add_argument("--out", default="simu_neurons")
+    parser.add_argument("--system-prompt", default=None, help="system prompt of the chat template")
+    parser.add_argument("--question-key", default="question", help="question key in the files")
+    parser.add_argument("--answer-key", default="answer", help="answer key in the files")
+    parser.add_argument("--out", default="simu_neurons", help="folder for the CSV, PNG and mask")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace result files already in --out"
+    )
     parser.add_argument(
         "--save",
-        type=float,
+        type=unit_interval,
         default=None,
         metavar="T",
-        help="also write the mask file for threshold T",
+        help="also write the mask file for threshold T, in (0, 1]",
     )
 
 
-def _attribute(model, tokenizer, path, args):
-    from asu_simu_plugin.data import QADataset, load_qa_jsonl
+def _check_threshold(value: float) -> None:
+    if not 0 < value <= 1:
+        raise ValueError(f"--thresholds: each must be in (0, 1], got {value:g}")
+
+
+def check_out_folder(out: Path, names, overwrite: bool) -> None:
+    """--out must be a folder we can write, and its result files are replaced only if asked."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder")
+    existing = [n for n in names if (out / n).exists()]
+    if existing and not overwrite:
+        raise ValueError(
+            f"{out} already holds {', '.join(existing)}: add --overwrite to replace them, or "
+            "choose another --out"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise OSError(f"cannot write to --out {out}: {error.strerror or error}") from None
+
+
+def _attribute(model, tokenizer, rows, name, args):
+    from asu_simu_plugin.data import QADataset
     from asu_simu_plugin.diagnostics import batches
     from asu_simu_plugin.neurons import neuron_attributions
 
-    rows = load_qa_jsonl(path)[: args.max_examples]
     dataset = QADataset(rows, tokenizer, args.max_length, args.system_prompt)
+    dataset = dataset.without_empty_answers(name)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return neuron_attributions(
         model, batches(dataset, args.batch_size, pad), steps=args.steps, chunk_size=args.chunk_size
@@ -58,6 +105,7 @@ def _attribute(model, tokenizer, path, args):
 def run(args) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from asu_simu_plugin.data import load_qa_jsonl
     from asu_simu_plugin.neurons import (
         critical_neuron_masks,
         mask_summary,
@@ -65,15 +113,26 @@ def run(args) -> int:
         save_masks,
     )
 
-    thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]
-    if args.mode == "forget_only" and not args.retain:
-        raise SystemExit("--mode forget_only needs --retain (neurons critical there are dropped)")
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model)
-    forget = _attribute(model, tokenizer, args.data, args)
-    retain = _attribute(model, tokenizer, args.retain, args) if args.retain else None
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    with usage_checks():
+        thresholds = number_list(args.thresholds, "--thresholds", float, _check_threshold)
+        if args.mode == "forget_only" and not args.retain:
+            raise ValueError(
+                "--mode forget_only needs --retain (neurons critical there are dropped)"
+            )
+        keys = (args.question_key, args.answer_key)
+        forget_rows = load_qa_jsonl(args.data, *keys)[: args.max_examples]
+        retain_rows = (
+            load_qa_jsonl(args.retain, *keys)[: args.max_examples] if args.retain else None
+        )
+        results = ["neurons.csv", "neurons.png"]
+        if args.save is not None:
+            results += ["simu_masks.safetensors", "simu_masks.json"]
+        check_out_folder(out, results, args.overwrite)
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model)
+    forget = _attribute(model, tokenizer, forget_rows, "forget", args)
+    retain = _attribute(model, tokenizer, retain_rows, "retain", args) if retain_rows else None
     sweep = {t: critical_neuron_masks(forget, t, retain, args.mode) for t in thresholds}
     layers = sorted(forget)
     with (out / "neurons.csv").open("w", newline="") as handle:

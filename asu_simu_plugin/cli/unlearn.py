@@ -1,11 +1,16 @@
 """`asu-simu unlearn`: ASU / SIMU / Sophia unlearning of a local model, without the harness.
 
-    asu-simu unlearn --method asu --model PATH --forget forget.jsonl --retain retain.jsonl \
+    asu-simu unlearn --method asu --model PATH --forget forget.jsonl --retain retain.jsonl \\
         --output DIR [--set temperature=2.3 --set retain_loss_type=KL] [--epochs 5 --lr 1e-5]
 
 Data: JSON lines with `question` and `answer` (other keys with --question-key/--answer-key); the
 tokenizer's chat template is used when it has one. The output is a plain `save_pretrained` model,
 its tokenizer and `asu_simu_run.json` (method, arguments, settings, versions, log history).
+
+Everything is checked before the model is loaded. The run writes into DIR.partial and moves it to
+DIR at the end, so an interrupted run never leaves a half-written model in DIR. An existing
+non-empty DIR is replaced only with --overwrite; --resume continues an interrupted run from its
+last checkpoint (--save-steps) only if the checkpoint records the same method, data and settings.
 """
 
 from __future__ import annotations
@@ -14,7 +19,30 @@ import json
 import shlex
 import sys
 
-from asu_simu_plugin.runner import STANDALONE_METHODS, RunSettings, run_unlearning
+from asu_simu_plugin.cli import usage_checks
+from asu_simu_plugin.cli.checks import (
+    model_source,
+    non_negative_float,
+    non_negative_int,
+    output_folder,
+    positive_float,
+    positive_int,
+)
+from asu_simu_plugin.methods.arguments import METHOD_ARGUMENTS
+from asu_simu_plugin.runner import STANDALONE_METHODS, RunSettings
+
+
+def _method_help() -> str:
+    lines = ["method arguments (--set KEY=VALUE, VALUE in JSON; as in configs/trainer/*.yaml):"]
+    for method, trainer in STANDALONE_METHODS.items():
+        lines.append(f"  --method {method}:")
+        for name, default, text in METHOD_ARGUMENTS[trainer].describe():
+            shown = json.dumps(list(default) if isinstance(default, tuple) else default)
+            lines.append(f"    {name} (default {shown}): {text}")
+    return "\n".join(lines)
+
+
+EPILOG = _method_help()
 
 
 def parse_value(text: str):
@@ -25,80 +53,162 @@ def parse_value(text: str):
         return text
 
 
+def parse_sets(items) -> dict:
+    method_args = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        if key.strip() in method_args:
+            raise ValueError(f"--set {key.strip()} is given twice")
+        method_args[key.strip()] = parse_value(value)
+    return method_args
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("--method", required=True, choices=sorted(STANDALONE_METHODS))
-    parser.add_argument("--model", required=True, help="local model directory (or hub id)")
+    parser.add_argument(
+        "--method", required=True, choices=sorted(STANDALONE_METHODS), help="unlearning method"
+    )
+    parser.add_argument(
+        "--model", required=True, type=model_source, help="local model folder (or hub id)"
+    )
     parser.add_argument("--forget", required=True, help="forget set, question/answer JSON lines")
     parser.add_argument("--retain", required=True, help="retain set, question/answer JSON lines")
-    parser.add_argument("--output", required=True, help="where the unlearned model is saved")
+    parser.add_argument(
+        "--output",
+        required=True,
+        type=output_folder,
+        help="folder for the unlearned model (not the --model folder)",
+    )
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing non-empty --output (once the new model is saved)",
+    )
+    what.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run from its last checkpoint (same method, data, settings)",
+    )
     parser.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a method argument (as in configs/trainer/*.yaml method_args)",
+        help="a method argument (listed below), repeatable",
     )
-    parser.add_argument("--epochs", type=float, default=5.0)
-    parser.add_argument("--lr", type=float, default=1e-5)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--grad-accum", type=int, default=1)
-    parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=positive_float, default=5.0, help="training epochs")
+    parser.add_argument("--lr", type=positive_float, default=1e-5, help="learning rate")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=4, help="forget (and retain) examples per step"
+    )
+    parser.add_argument(
+        "--grad-accum", type=positive_int, default=1, help="gradient accumulation steps"
+    )
+    parser.add_argument(
+        "--max-length", type=positive_int, default=512, help="tokens per example (truncation)"
+    )
+    parser.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="AdamW/Sophia")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed")
     parser.add_argument(
         "--save-steps",
-        type=int,
+        type=non_negative_int,
         default=0,
-        help="checkpoint every N steps (re-running resumes from the last one)",
+        help="checkpoint every N optimizer steps (0: none); --resume continues from the last",
     )
-    parser.add_argument("--system-prompt", default=None)
-    parser.add_argument("--question-key", default="question")
-    parser.add_argument("--answer-key", default="answer")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--system-prompt", default=None, help="system prompt of the chat template")
+    parser.add_argument("--question-key", default="question", help="question key in the files")
+    parser.add_argument("--answer-key", default="answer", help="answer key in the files")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="weights dtype (float16 training overflows easily: prefer bfloat16)",
+    )
+
+
+def check_against_config(parsed, model) -> None:
+    """Layer ids exist in the model (its config is read; the weights are not loaded yet)."""
+    from transformers import AutoConfig
+
+    from asu_simu_plugin.methods.arguments import ASUArguments, check_layers_exist
+
+    if not isinstance(parsed, ASUArguments):
+        return
+    count = getattr(AutoConfig.from_pretrained(model), "num_hidden_layers", None)
+    if not count:
+        return
+    check_layers_exist("layers", parsed.layers, count)
+    if "EMBED_MSE" in (parsed.forget_loss_type, parsed.retain_loss_type):
+        check_layers_exist("embed_layer", parsed.embed_layer, count)
 
 
 def run(args) -> int:
+    from asu_simu_plugin.data import load_qa_jsonl
+    from asu_simu_plugin.methods.arguments import parse_method_arguments, signature_defaults
+    from asu_simu_plugin.runner import prepare_output, qa_datasets, run_identity, trainer_class
+
+    with usage_checks():
+        if args.seed >= 2**32:
+            raise ValueError(f"--seed must be < 2**32 (numpy's range), got {args.seed}")
+        method_args = parse_sets(args.set)
+        trainer = STANDALONE_METHODS[args.method]
+        live = signature_defaults(trainer_class(args.method))
+        parsed = parse_method_arguments(trainer, method_args, accepted=live)
+        check_against_config(parsed, args.model)
+        forget = load_qa_jsonl(args.forget, args.question_key, args.answer_key)
+        retain = load_qa_jsonl(args.retain, args.question_key, args.answer_key)
+        settings = RunSettings(
+            epochs=args.epochs,
+            learning_rate=args.lr,
+            batch_size=args.batch_size,
+            gradient_accumulation_steps=args.grad_accum,
+            max_length=args.max_length,
+            weight_decay=args.weight_decay,
+            seed=args.seed,
+            save_strategy="steps" if args.save_steps else "no",
+            system_prompt=args.system_prompt,
+            extra={"save_steps": args.save_steps} if args.save_steps else {},
+        )
+        identity = run_identity(args.method, method_args, settings, forget, retain, args.model)
+        plan = prepare_output(args.output, args.model, identity, args.overwrite, args.resume)
+    if plan.finished:
+        print(
+            f"{plan.output} already holds this run (same method, data and settings): nothing to do"
+        )
+        return 0
+    try:
+        return _train(args, method_args, forget, retain, settings, plan, qa_datasets)
+    except BaseException:
+        plan.abandon()
+        raise
+
+
+def _train(args, method_args, forget, retain, settings, plan, qa_datasets) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from asu_simu_plugin.data import load_qa_jsonl
+    from asu_simu_plugin.runner import run_unlearning
 
-    method_args = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-        method_args[key.strip()] = parse_value(value)
-    forget = load_qa_jsonl(args.forget, args.question_key, args.answer_key)
-    retain = load_qa_jsonl(args.retain, args.question_key, args.answer_key)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    with usage_checks():
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        forget_set, retain_set = qa_datasets(tokenizer, forget, retain, settings)
     model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=getattr(torch, args.dtype))
-    settings = RunSettings(
-        epochs=args.epochs,
-        learning_rate=args.lr,
-        batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum,
-        max_length=args.max_length,
-        weight_decay=args.weight_decay,
-        seed=args.seed,
-        save_strategy="steps" if args.save_steps else "no",
-        system_prompt=args.system_prompt,
-        extra={"save_steps": args.save_steps} if args.save_steps else {},
-    )
-    command = shlex.join(["asu-simu", *sys.argv[1:]])
     run_unlearning(
         args.method,
         model,
         tokenizer,
-        forget,
-        retain,
+        forget_set,
+        retain_set,
         args.output,
         method_args,
         settings,
         source=args.model,
-        command=command,
+        command=shlex.join(["asu-simu", *sys.argv[1:]]),
+        plan=plan,
     )
-    print(f"unlearned model saved to {args.output}")
+    print(f"unlearned model saved to {plan.output}")
     return 0

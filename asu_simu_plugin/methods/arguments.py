@@ -66,11 +66,13 @@ def check_bool(name, value):
 
 
 def check_layer_ids(name, value, *, allow_auto=False, optional=True):
-    """None (all layers), "auto" where allowed, or a non-empty list of distinct integer ids >= 0."""
+    """None (all layers), "auto" where allowed, one integer id or a non-empty list of them (>= 0)."""
     if value is None and optional:
         return
     if allow_auto and value == AUTO:
         return
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
     if not isinstance(value, list | tuple) or not value:
         extra = ', "auto"' if allow_auto else ""
         raise MethodArgumentError(
@@ -79,8 +81,19 @@ def check_layer_ids(name, value, *, allow_auto=False, optional=True):
         )
     for item in value:
         check_integer(f"{name} entry", item, 0)
-    if len(set(value)) != len(value):
-        raise MethodArgumentError(f"{name} lists a layer twice (got {value!r})")
+
+
+def check_layers_exist(name, value, num_layers: int):
+    """Layer ids below the model's layer count (from its config, before loading it)."""
+    if value is None or value == AUTO:
+        return
+    ids = [value] if isinstance(value, int) else list(value)
+    bad = [i for i in ids if i >= num_layers]
+    if bad:
+        raise MethodArgumentError(
+            f"{name}: no layer {', '.join(map(str, bad))} in this model, which has {num_layers} "
+            f"decoder layers (ids 0-{num_layers - 1})"
+        )
 
 
 def check_regexes(name, value):

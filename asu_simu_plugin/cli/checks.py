@@ -1,0 +1,105 @@
+"""Argument types and checks shared by the subcommands (all run before a model is loaded).
+
+The `type=` callables raise `argparse.ArgumentTypeError`, which argparse reports as
+"argument --flag: ..." (a usage error, exit status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from pathlib import Path
+
+
+def _number(text: str, convert, kind: str):
+    try:
+        value = convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _number(text, float, "a number")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = _number(text, float, "a number")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = _number(text, int, "an integer")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = _number(text, int, "an integer")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def unit_interval(text: str) -> float:
+    """A threshold in (0, 1]."""
+    value = _number(text, float, "a number")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def number_list(text: str, flag: str, convert=float, check=None) -> list:
+    """'1,2,2.5' -> [1.0, 2.0, 2.5]; each item converted and checked (ValueError names `flag`)."""
+    kind = "integers" if convert is int else "numbers"
+    items = [part.strip() for part in text.split(",") if part.strip()]
+    if not items:
+        raise ValueError(f"{flag} is empty: give comma-separated {kind}")
+    values = []
+    for item in items:
+        try:
+            value = convert(item)
+        except ValueError:
+            raise ValueError(
+                f"{flag} must be comma-separated {kind}, e.g. "
+                f"{'0,1,2' if convert is int else '0.1,0.3,0.5'} (got {item!r} in {text!r})"
+            ) from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{flag}: {item!r} is not a finite number")
+        if check is not None:
+            check(value)
+        values.append(value)
+    return values
+
+
+def model_source(text: str) -> str:
+    """A local model folder (with config.json) or, when online, a hub id such as org/name."""
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise argparse.ArgumentTypeError(f"{text} is a file; give the model's folder")
+        if not (path / "config.json").is_file():
+            raise argparse.ArgumentTypeError(
+                f"{text} has no config.json: not a transformers model folder"
+            )
+        return text
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    hub_like = text.count("/") <= 1 and not text.startswith((".", "/", "~"))
+    if offline or not hub_like:
+        raise argparse.ArgumentTypeError(f"{text}: no such model folder")
+    return text
+
+
+def output_folder(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path")
+    return text
