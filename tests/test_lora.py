@@ -290,3 +290,80 @@ def test_simu_refuses_a_lora_model(saved_llama, world, tmp_path):
     with pytest.raises(ValueError, match="SIMU does not run on a LoRA model"):
         lora_trainer("simu", saved_llama, world, tmp_path, steps=1)
     assert not (tmp_path / "simu_masks.safetensors").exists()  # refused before the attribution
+
+
+# -- the unmodified harness ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def harness_tiny_model(tmp_path_factory):
+    from harness_support import save_tiny_harness_model
+
+    return save_tiny_harness_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.mark.harness
+@pytest.mark.parametrize(
+    "trainer, extra",
+    [
+        ("GradDiff", []),
+        ("NPO", []),
+        ("SimNPO", []),
+        ("ASU", ["trainer.method_args.teacher_cache=true"]),
+        ("SONPO", []),
+    ],
+)
+def test_harness_trains_lora_and_eval_scores_the_merged_model(
+    harness_tiny_model, tmp_path, trainer, extra
+):
+    from harness_support import CPU_TRAIN_OVERRIDES, model_overrides, run_harness
+    from safetensors.torch import load_file
+
+    out = tmp_path / trainer
+    run_harness(
+        "train.py",
+        [
+            "--config-name=unlearn.yaml",
+            "experiment=unlearn/tofu/default",
+            f"trainer={trainer}",
+            *extra,
+            f"task_name={trainer}",
+            *model_overrides(harness_tiny_model),
+            "++model.model_handler=LoRACausalLM",
+            "+model.model_args.lora_r=4",
+            *CPU_TRAIN_OVERRIDES,
+            "trainer.args.learning_rate=1e-2",
+            "+trainer.args.max_steps=2",
+            f"paths.output_dir={out}",
+        ],
+    )
+    top = {p.name for p in out.iterdir()}
+    assert "model.safetensors" in top and "adapter_config.json" not in top
+    assert json.loads((out / "default" / "adapter_config.json").read_text())["r"] == 4
+    merged = load_file(out / "model.safetensors")
+    base = load_file(harness_tiny_model / "model.safetensors")
+    assert set(merged) == set(base)  # a plain model: no LoRA or base_layer names
+    changed = [k for k in base if not torch.equal(merged[k], base[k])]
+    assert changed and all(k.endswith("proj.weight") for k in changed)  # only adapted layers
+
+    if trainer != "GradDiff":  # one evaluation shows eval.py takes the output like any model
+        return
+    evals = tmp_path / f"{trainer}_eval"
+    run_harness(
+        "eval.py",
+        [
+            "experiment=eval/tofu/default",
+            "forget_split=forget01",
+            "holdout_split=holdout01",
+            f"task_name={trainer}_eval",
+            *model_overrides(out),
+            "~model.model_args.attn_implementation",
+            "model.model_args.torch_dtype=float32",
+            "model.model_args.device_map=cpu",
+            f"paths.output_dir={evals}",
+            "~eval.tofu.metrics.model_utility",
+            "~eval.tofu.metrics.forget_Q_A_ROUGE",
+            "~eval.tofu.metrics.privleak",
+            "~eval.tofu.metrics.extraction_strength",
+        ],
+    )
+    summary = json.loads((evals / "TOFU_SUMMARY.json").read_text())
+    assert 0.0 < summary["forget_Q_A_Prob"] < 1.0
