@@ -11,6 +11,7 @@ import torch
 from conftest import tiny_causal_lm
 
 from asu_simu_plugin import tau_sweep as sweep_module
+from asu_simu_plugin.attention import attention_temperature
 from asu_simu_plugin.cli import main
 from asu_simu_plugin.data import PadCollator, QADataset
 from asu_simu_plugin.diagnostics import token_nll
@@ -190,3 +191,165 @@ def test_module_main_and_its_errors(tmp_path, peaked_model, toy_tokenizer, toy_a
         sweep_module.main([*common, *keys, "--taus", "0,2"])
     with pytest.raises(KeyError, match="lacks"):
         sweep_module.main([*common, "--taus", "2"])  # the default keys are not in this file
+
+
+# -- temperature: auto / layers: auto, collapse guard ----------------------------------------------
+def forget_items(toy_tokenizer, toy_authors, n=2):
+    rows = [qa for author in toy_authors[:n] for qa in author.qa_pairs()]
+    return QADataset(rows, toy_tokenizer)
+
+
+def test_measure_teacher_against_an_explicit_computation(peaked_model, toy_tokenizer, toy_authors):
+    dataset = forget_items(toy_tokenizer, toy_authors)
+    items = sweep_module.sample_items(dataset, 6, seed=3)
+    assert len(items) == 6
+    eos = toy_tokenizer.eos_token_id
+    answers = torch.cat([i["labels"][i["labels"] != -100] for i in items])
+    function = function_token_ids(toy_tokenizer, answers.tolist())
+    got = sweep_module.measure_teacher(
+        peaked_model, items, 2.5, [1], function.tolist(), [eos], batch_size=4
+    )
+    # By hand, one example at a time (no padding): P(eos) where the first answer token is
+    # predicted, and the NLL of each answer token split by the function-token rule.
+    ends, sums, counts = [], {True: 0.0, False: 0.0}, {True: 0, False: 0}
+    with torch.no_grad(), attention_temperature(peaked_model, 2.5, [1]):
+        for item in items:
+            logits = peaked_model(input_ids=item["input_ids"][None]).logits[0]
+            labels = item["labels"]
+            first = int(torch.nonzero(labels != -100)[0])
+            ends.append(torch.softmax(logits[first - 1], -1)[eos].item())
+            for t in range(first, len(labels)):
+                nll = -torch.log_softmax(logits[t - 1], -1)[labels[t]].item()
+                is_function = int(labels[t]) in set(function.tolist())
+                sums[is_function] += nll
+                counts[is_function] += 1
+    assert got["end_probability"] == pytest.approx(sum(ends) / len(ends), rel=1e-5)
+    assert got["content_tokens"] == counts[False] and got["function_tokens"] == counts[True]
+    assert got["content_nll"] == pytest.approx(sums[False] / counts[False], rel=1e-5)
+    assert got["function_nll"] == pytest.approx(sums[True] / counts[True], rel=1e-5)
+
+
+def test_layer_blocks():
+    blocks = sweep_module.layer_blocks(30, (3, 4))
+    labels = [sweep_module.layers_label(b, 30) for b in blocks]
+    assert labels == ["all", "0-9", "10-19", "20-29", "0-7", "8-14", "15-21", "22-29"]
+    assert sweep_module.layer_blocks(3, (4,)) == [[0, 1, 2], [0], [1], [2]]
+    assert sweep_module.layers_label([0, 2], 3) == "0,2"
+
+
+def grid_row(tau, layers, content, function, end, size=1):
+    return {
+        "tau": tau,
+        "layers": layers,
+        "layer_ids": list(range(size)),
+        "content_nll": content,
+        "function_nll": function,
+        "end_probability": end,
+    }
+
+
+def test_choose_temperature_rule():
+    config = sweep_module.AutoTemperatureConfig(function_budget=0.5, max_end_probability=0.1)
+    rows = [
+        grid_row(1.0, "all", 1.0, 2.0, 0.01, 4),
+        grid_row(2.3, "all", 3.5, 2.9, 0.93, 4),  # forgets most, but ends the answer: out
+        grid_row(1.5, "all", 1.6, 2.3, 0.05, 4),  # separation 0.6 - 0.3 = 0.3
+        grid_row(2.3, "0-1", 1.9, 2.2, 0.01, 2),  # separation 0.9 - 0.2 = 0.7: the winner
+        grid_row(3.0, "0-1", 2.8, 2.6, 0.02, 2),  # function +0.6 > budget: out
+        grid_row(2.0, "2-3", 1.8, 2.1, 0.01, 2),  # separation 0.8 - 0.1 = 0.7: tie, smaller τ
+    ]
+    chosen, reason = sweep_module.choose_temperature(rows, config)
+    assert (chosen["tau"], chosen["layers"]) == (2.0, "2-3")
+    assert "content +0.80" in reason and "falls short of 1" in reason
+    assert [r["admissible"] for r in rows] == [False, False, True, True, False, True]
+    assert [r["chosen"] for r in rows] == [False] * 5 + [True]
+    # Nothing admissible: the least violating setting, and the reason says so.
+    rows = [
+        grid_row(1.0, "all", 1.0, 2.0, 0.0),
+        grid_row(2.0, "all", 2.0, 2.75, 0.3),  # max(0.75/0.5, 0.3/0.1) = 3
+        grid_row(4.0, "all", 3.0, 3.0, 0.12),  # max(1/0.5, 1.2) = 2: least violating
+    ]
+    chosen, reason = sweep_module.choose_temperature(rows, config)
+    assert chosen["tau"] == 4.0 and reason.startswith("no setting keeps")
+
+
+def test_auto_temperature_searches_only_what_is_auto(
+    peaked_model, toy_tokenizer, toy_authors, tmp_path
+):
+    dataset = forget_items(toy_tokenizer, toy_authors)
+    settings = {"sample": 4, "layer_parts": [3], "progress": False}
+    tau, layers, record = sweep_module.auto_temperature(
+        peaked_model,
+        dataset,
+        toy_tokenizer,
+        temperature=2.0,
+        layers="auto",
+        settings=settings,
+        output_dir=tmp_path,
+    )
+    assert tau == 2.0 and record["searched"] == ["layers"]
+    assert [(r["tau"], r["layers"]) for r in record["rows"]] == [
+        (1.0, "all"),
+        (2.0, "all"),
+        (2.0, "0"),
+        (2.0, "1"),
+        (2.0, "2"),
+    ]
+    chosen = next(r for r in record["rows"] if r["chosen"])
+    assert layers == (None if chosen["layers"] == "all" else [int(chosen["layers"])])
+    assert json.loads((tmp_path / "asu_temperature.json").read_text())["layers"] == layers
+    tau, layers, record = sweep_module.auto_temperature(
+        peaked_model,
+        dataset,
+        toy_tokenizer,
+        temperature="auto",
+        layers=[0, 1],
+        settings={**settings, "taus": [1.5, 3]},
+    )
+    assert layers == [0, 1] and tau in (1.5, 3.0) and record["searched"] == ["temperature"]
+    assert {r["layers"] for r in record["rows"]} == {"all", "0-1"}
+    with pytest.raises(ValueError, match="needs a temperature > 1"):
+        sweep_module.auto_temperature(peaked_model, dataset, toy_tokenizer, 1.0, "auto", settings)
+
+
+def test_collapse_check_against_explicit_greedy_answers(toy_tokenizer, toy_authors):
+    model = tiny_causal_lm("llama", vocab_size=len(toy_tokenizer))
+    eos = toy_tokenizer.eos_token_id
+    head = torch.nn.Linear(32, len(toy_tokenizer), bias=True)
+    with torch.no_grad():  # eos favoured enough to end some answers at once (6 of 8), not all
+        head.weight.copy_(model.lm_head.weight * 30)
+        head.bias.zero_()
+        head.bias[eos] = 13.0
+    model.lm_head = head
+    dataset = forget_items(toy_tokenizer, toy_authors, n=3)
+    stats = sweep_module.collapse_check(
+        model, dataset, 3.0, [0, 2], toy_tokenizer, {"sample": 8, "max_new_tokens": 4}
+    )
+    items = sweep_module.sample_items(dataset, 8)
+    ends, empty = [], 0
+    with torch.no_grad(), attention_temperature(model, 3.0, [0, 2]):
+        for item in items:
+            first = int(torch.nonzero(item["labels"] != -100)[0])
+            ids = item["input_ids"][:first]
+            ends.append(torch.softmax(model(input_ids=ids[None]).logits[0, -1], -1)[eos].item())
+            answer = []
+            for _ in range(4):  # greedy without a cache, stopping at the end token
+                token = int(model(input_ids=ids[None]).logits[0, -1].argmax())
+                if token == eos:
+                    break
+                answer.append(token)
+                ids = torch.cat([ids, torch.tensor([token])])
+            empty += not toy_tokenizer.decode(answer, skip_special_tokens=True).strip()
+    assert stats["end_probability"] == pytest.approx(sum(ends) / 8, rel=1e-5)
+    assert (stats["empty_answers"], stats["sample"]) == (empty, 8)
+    assert stats["empty_share"] == empty / 8
+    assert 0 < empty < 8 and 0.1 < stats["end_probability"] < 0.9  # the check can tell
+    assert stats["layers"] == "0,2"
+    low = {"max_end_probability": 1e-9, "max_empty_share": 0.99}
+    message = sweep_module.collapse_warning(stats, low)
+    assert message and f"{stats['end_probability']:.2f} of its first answer token" in message
+    assert f"{empty}/8 sampled forget questions" in message
+    assert (
+        sweep_module.collapse_warning(stats, {"max_end_probability": 1.0, "max_empty_share": 1.0})
+        is None
+    )
