@@ -197,6 +197,22 @@ class ASUArguments(GradDiffArguments):
     trainable_params_regex: list[str] | str | None = field(
         default=None, metadata=_help("regexes of parameter names to train; null = all")
     )
+    teacher_eos: str = field(
+        default="keep",
+        metadata=_help("keep | suppress: drop the teacher's end-of-answer tokens mid-answer"),
+    )
+    tau_sweep: dict | None = field(
+        default=None, metadata=_help('settings of temperature/layers "auto" (null = defaults)')
+    )
+    collapse_guard: dict | bool | None = field(
+        default=None, metadata=_help("settings of the silent-teacher check; false = off")
+    )
+    teacher_cache: bool = field(
+        default=False, metadata=_help("compute the teacher's outputs once, reuse every epoch")
+    )
+    teacher_cache_dtype: str = field(
+        default="float16", metadata=_help("teacher cache storage: float16 | bfloat16 | float32")
+    )
     module_regex: str | None = field(
         default=None, metadata=_help("RMU key of the harness's WMDP experiment (unused)")
     )
@@ -213,6 +229,21 @@ class ASUArguments(GradDiffArguments):
         check_integer("embed_layer", self.embed_layer, 0)
         check_regexes("trainable_params_regex", self.trainable_params_regex)
         check_number("steering_coeff", self.steering_coeff, optional=True)
+        check_bool("teacher_cache", self.teacher_cache)
+        if self.teacher_cache and self.forget_loss_type != "KL":
+            raise MethodArgumentError("teacher_cache needs forget_loss_type KL")
+        # The checks the temperature module owns (teacher_eos, tau_sweep, collapse_guard), and
+        # the cache's storage types: one place each.
+        from asu_simu_plugin.tau_sweep import check_method_arguments
+        from asu_simu_plugin.teacher_cache import storage_dtype
+
+        try:
+            check_method_arguments(
+                self.temperature, self.layers, self.teacher_eos, self.tau_sweep, self.collapse_guard
+            )
+            storage_dtype(self.teacher_cache_dtype)
+        except ValueError as error:
+            raise MethodArgumentError(str(error)) from None
 
 
 @dataclass
