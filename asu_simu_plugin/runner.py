@@ -228,7 +228,9 @@ class OutputPlan:
             self.output.rename(old)
         self.work.rename(self.output)
         if old is not None:
-            shutil.rmtree(old)
+            shutil.rmtree(old, ignore_errors=True)
+            if old.exists():
+                logger.warning("the replaced output could not be removed entirely: %s", old)
 
     def abandon(self) -> None:
         """After a failure: remove the work folder unless it holds a checkpoint to resume."""
@@ -293,6 +295,8 @@ def prepare_output(output, source=None, identity=None, overwrite=False, resume=F
                 else ""
             )
         )
+    if overwrite and output.is_dir() and not os.access(output, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot replace {output}: it is not writable (check its permissions)")
     if _non_empty(work):
         if resume:
             plan.checkpoint = _checked_checkpoint(work, identity)
