@@ -260,14 +260,3 @@ def test_resume_from_checkpoint_is_identical(world, tmp_path):
     ):
         assert torch.equal(a.detach(), b.detach()), name
     del resumed
-
-
-def test_deepspeed_zero_is_refused_for_gnb_and_masks(world, tmp_path, monkeypatch):
-    from asu_simu_plugin.methods import sophia
-
-    monkeypatch.setattr(sophia, "deepspeed_zero_stage", lambda trainer: 2)
-    with pytest.raises(NotImplementedError, match="ZeRO stage 2"):
-        make(world, "sograddiff", tmp_path, hessian_mode="gnb")
-    with pytest.raises(NotImplementedError, match="masks"):
-        make(world, "simu", tmp_path, hessian_mode="grad2", steps=2)
-    make(world, "sograddiff", tmp_path, hessian_mode="grad2")  # no GNB pass, no masks: fine

@@ -20,7 +20,9 @@ SIMU (which adds neuron masks on top).
 from __future__ import annotations
 
 import torch
+from transformers import TrainerCallback
 
+from asu_simu_plugin import zero
 from asu_simu_plugin.arch import is_no_decay_parameter, unwrap_model
 from asu_simu_plugin.losses import IGNORE_INDEX
 from asu_simu_plugin.methods.base import model_inputs
@@ -29,11 +31,15 @@ from asu_simu_plugin.sophia import SophiaG
 HESSIAN_MODES = ("gnb", "grad2")
 
 
-def deepspeed_zero_stage(trainer) -> int:
-    if not getattr(trainer, "is_deepspeed_enabled", False):
-        return 0
-    plugin = trainer.accelerator.state.deepspeed_plugin
-    return int(plugin.zero_stage or 0)
+class _AfterOptimizerStep(TrainerCallback):
+    """Runs the trainer's post-step work once the optimizer (or DeepSpeed's engine) has stepped
+    and the gradients are cleared, whatever the backend."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer.after_optimizer_step()
 
 
 class SophiaMixin:
@@ -72,18 +78,18 @@ class SophiaMixin:
         self.soul_compat = bool(soul_compat)
         self.sophia_bs = sophia_bs
         self._hessian_updates = 0
-        self._last_hessian_step = -1
-        if deepspeed_zero_stage(self) >= 1 and (hessian_mode == "gnb" or self.uses_masks()):
+        self._last_inputs = None
+        self._zero_masks_installed = False
+        self.add_callback(_AfterOptimizerStep(self))
+        if zero.zero_stage(self) and zero.offloads_optimizer(self):
             raise NotImplementedError(
-                f"DeepSpeed ZeRO stage {deepspeed_zero_stage(self)} partitions the optimizer "
-                "state and gradients, but Sophia's GNB Hessian pass and SIMU's parameter masks "
-                "need them whole. Run on one GPU or plain DDP (accelerate without DeepSpeed, or "
-                "ZeRO stage 0), or use hessian_mode=grad2 without masks."
+                "SophiaG runs as DeepSpeed's client optimizer on the accelerator; set "
+                "zero_optimization.offload_optimizer.device to none in the DeepSpeed config"
             )
 
     # -- optimiser -----------------------------------------------------------------------------
     def uses_masks(self) -> bool:
-        """SIMU overrides this; masks need whole parameters."""
+        """SIMU overrides this."""
         return False
 
     def parameter_masks(self) -> dict[str, torch.Tensor]:
@@ -165,27 +171,30 @@ class SophiaMixin:
             auto_hessian=self.hessian_mode == "grad2",
             soul_compat=self.soul_compat,
         )
-        parameters = dict(named)
-        for name, mask in self.parameter_masks().items():
-            self.optimizer.set_mask(parameters[name], mask.to(parameters[name].device))
+        if zero.zero_stage(self) == 0:
+            # Under ZeRO, DeepSpeed re-lays the parameters out as flat partitions first: the
+            # masks follow at the first training step (zero.install_masks).
+            parameters = dict(named)
+            for name, mask in self.parameter_masks().items():
+                self.optimizer.set_mask(parameters[name], mask.to(parameters[name].device))
         return self.optimizer
 
     # -- the Gauss-Newton-Bartlett pass --------------------------------------------------------
-    def _hessian_due(self) -> bool:
-        step = self.state.global_step
-        return (
-            self.hessian_mode == "gnb"
-            and step % self.hessian_interval == self.hessian_interval - 1
-            and step != self._last_hessian_step
-        )
-
     def training_step(self, model, inputs, *args, **kwargs):
-        # The pass runs before the step's first micro-batch, on that micro-batch: the parameters
-        # are those the update will start from, and no training gradient is held yet.
-        if self._hessian_due():
-            self._last_hessian_step = self.state.global_step
-            self.gauss_newton_bartlett_update(model, inputs)
+        if zero.zero_stage(self) and not self._zero_masks_installed:
+            masks = self.parameter_masks()
+            if masks:
+                zero.install_masks(self, unwrap_model(self.model), masks)
+            self._zero_masks_installed = True
+        self._last_inputs = inputs  # the step's last micro-batch feeds the Hessian pass
         return super().training_step(model, inputs, *args, **kwargs)
+
+    def after_optimizer_step(self) -> None:
+        """Sophia-G's loop: every `hessian_interval` steps, right after the optimizer step, a
+        sampled-label pass on that step's (last) batch refreshes the Hessian."""
+        step = self.state.global_step  # already counts the step just taken
+        if self.hessian_mode == "gnb" and step % self.hessian_interval == 0:
+            self.gauss_newton_bartlett_update(self.model_wrapped, self._last_inputs)
 
     def _sampled_label_loss(self, model, batch: dict) -> tuple[torch.Tensor, int]:
         """Summed CE of labels drawn from the model's own softmax at the answer positions."""
@@ -207,51 +216,97 @@ class SophiaMixin:
 
     def gauss_newton_bartlett_update(self, model, inputs) -> None:
         """Fold ĥ = B·ĝ² into the Hessian EMA, ĝ the gradient of the sampled-label mean CE over
-        the B answer tokens of this step's batch on every rank (training gradients kept)."""
+        the B answer tokens of the batch on every rank (gradients held before are kept).
+
+        W processes estimate what one process would on the same global batch: DDP and DeepSpeed
+        average gradients over ranks, so each rank's summed CE is divided by B / W. Under DDP
+        the backward is always all-reduced (also inside accumulation's `no_sync`); under ZeRO
+        it goes through DeepSpeed's engine and the reduced gradient is read back partitioned.
+        """
+        batches = [inputs[k] for k in ("forget", "retain") if k in inputs] or [inputs]
+        world = self.accelerator.num_processes
+        deepspeed = zero.zero_stage(self) > 0
+        if deepspeed:
+            self._gnb_backward_deepspeed(model, batches, world)
+            self._hessian_updates += 1
+            return
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         stashed = [None if p.grad is None else p.grad.clone() for p in params]
         for p in params:
             p.grad = None
-        batches = [inputs[k] for k in ("forget", "retain") if k in inputs] or [inputs]
-        world = self.accelerator.num_processes
-        # DDP all-reduces only outside `no_sync`, which accelerate puts around every micro-batch
-        # but the last of an accumulation cycle: this pass must always be reduced.
         sync = getattr(model, "require_backward_grad_sync", None)
         if sync is False:
             model.require_backward_grad_sync = True
         try:
-            total, tokens = None, 0
-            for batch in batches:
-                loss, count = self._sampled_label_loss(model, batch)
-                total = loss if total is None else total + loss
-                tokens += count
-            if world > 1:
-                count = torch.tensor(float(tokens), device=self.accelerator.device)
-                tokens = int(self.accelerator.reduce(count, reduction="sum").item())
-            if tokens == 0:
-                raise ValueError("the Hessian batch has no answer tokens (all labels are -100)")
-            # ĝ = ∇ Σ_ranks CE / B. DDP averages over the ranks, hence the factor W. A plain
-            # backward: accelerate's would divide by the accumulation steps (ĥ is per batch).
+            total, tokens = self._sampled_label_total(model, batches, world)
+            # A plain backward: accelerate's would divide by the accumulation steps.
             (total * (world / tokens)).backward()
         finally:
             if sync is False:
                 model.require_backward_grad_sync = sync
         if self.args.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm)
+        self._fold_hessian(tokens)
+        for p, grad in zip(params, stashed, strict=True):
+            p.grad = grad
+        self._hessian_updates += 1
+
+    def _sampled_label_total(self, model, batches, world) -> tuple[torch.Tensor, int]:
+        total, tokens = None, 0
+        for batch in batches:
+            loss, count = self._sampled_label_loss(model, batch)
+            total = loss if total is None else total + loss
+            tokens += count
+        if world > 1:
+            count = torch.tensor(float(tokens), device=self.accelerator.device)
+            tokens = int(self.accelerator.reduce(count, reduction="sum").item())
+        if tokens == 0:
+            raise ValueError("the Hessian batch has no answer tokens (all labels are -100)")
+        return total, tokens
+
+    def _fold_hessian(self, tokens: int) -> None:
         optimizer = self.optimizer_for_hessian()
         if self._fixed_bs:
             optimizer.update_hessian()  # the user's fixed bs applies at step time
         else:
             optimizer.update_hessian(bs=tokens)
         self.hessian_tokens = tokens
-        for p, grad in zip(params, stashed, strict=True):
-            p.grad = grad
-        self._hessian_updates += 1
+
+    def _gnb_backward_deepspeed(self, engine, batches, world) -> None:
+        """The pass through DeepSpeed's engine, right after its step (its gradients are clear):
+        one reduced backward, the gradient read back in the optimizer's flat partitions,
+        clipped by its global norm, folded in, and DeepSpeed's gradients cleared again."""
+        engine = zero.engine_of(self)
+        total, tokens = self._sampled_label_total(engine, batches, world)
+        boundary = getattr(engine, "_is_gradient_accumulation_boundary", None)
+        engine.set_gradient_accumulation_boundary(True)  # reduce now, whatever the micro-step
+        try:
+            engine.backward(total * (world / tokens), scale_wrt_gas=False)
+        finally:
+            engine.set_gradient_accumulation_boundary(boundary)
+        grads = zero.hessian_gradients(self, unwrap_model(self.model))
+        engine.optimizer.zero_grad(set_to_none=True)
+        optimizer = self.optimizer_for_hessian()
+        flats = [p for group in optimizer.param_groups for p in group["params"]]
+        if self.args.max_grad_norm:
+            squares = sum((g.float() ** 2).sum() for g in grads.values())
+            squares = torch.as_tensor(squares, device=self.accelerator.device, dtype=torch.float32)
+            torch.distributed.all_reduce(squares)
+            scale = self.args.max_grad_norm / (float(squares.sqrt()) + 1e-6)
+            if scale < 1:
+                for g in grads.values():
+                    g.mul_(scale)
+        for flat in flats:
+            flat.grad = grads.get(id(flat))
+        try:
+            self._fold_hessian(tokens)
+        finally:
+            for flat in flats:
+                flat.grad = None
 
     def optimizer_for_hessian(self) -> SophiaG:
-        """The SophiaG instance behind accelerate's wrapper."""
-        optimizer = self.optimizer
-        return getattr(optimizer, "optimizer", optimizer)
+        """The SophiaG instance behind accelerate's (and DeepSpeed's) wrappers."""
+        return zero.innermost_optimizer(self.optimizer)
 
     # -- logging -------------------------------------------------------------------------------
     def log(self, logs, *args, **kwargs):

@@ -33,7 +33,10 @@ def test_gnb_ranks_end_identical(tmp_path, accumulation):
 
 
 def test_gnb_hessian_of_two_processes_equals_one_process(tmp_path):
-    """2 ranks × batch 1 and 1 rank × batch 2 see the same global batch: the same Hessian."""
+    """2 ranks × batch 1 and 1 rank × batch 2 see the same global batch: the same Hessian.
+
+    lr 0 keeps the parameters where the Hessian is estimated (after the step) the same for
+    both, whatever the per-rank loss weighting of the training step."""
 
     def spec(batch_size):
         return {
@@ -43,7 +46,7 @@ def test_gnb_hessian_of_two_processes_equals_one_process(tmp_path):
             "settings": {
                 "epochs": 1,
                 "batch_size": batch_size,
-                "learning_rate": 1e-3,
+                "learning_rate": 0.0,
                 "max_steps": 1,
                 "extra": {"max_grad_norm": 0},
             },

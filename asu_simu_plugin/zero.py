@@ -1,0 +1,184 @@
+"""DeepSpeed ZeRO: where our optimizer state, masks and gradients live once DeepSpeed partitions them.
+
+Under ZeRO-1/2/3 `SophiaG` is DeepSpeed's client optimizer: DeepSpeed replaces its parameter groups
+by flat fp32 partitions (one 1-D tensor per group and rank), so every per-parameter quantity of
+ours (SIMU's masks, the GNB Hessian gradient) has to be laid out the same way. DeepSpeed itself
+says where each parameter's piece is: its ``_hp_mapping`` fragment addresses (ZeRO-1/2) and
+``safe_get_local_fp32_param`` (ZeRO-3) give views into those flat tensors; gradients come from
+``safe_get_full_grad`` (ZeRO-1/2) / ``safe_get_local_grad`` (ZeRO-3). Nothing here partitions
+anything itself. The frozen reference copy under ZeRO-3 is built with transformers' own
+``zero.Init`` path and filled under ``GatheredParameters``.
+
+Only this module (and the DeepSpeed-aware parts of `methods/`) knows about DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+
+def zero_stage(trainer) -> int:
+    """0 without DeepSpeed, else the ZeRO stage of the trainer's DeepSpeed plugin."""
+    if not getattr(trainer, "is_deepspeed_enabled", False):
+        return 0
+    plugin = trainer.accelerator.state.deepspeed_plugin
+    return int(plugin.zero_stage or 0)
+
+
+def offloads_optimizer(trainer) -> bool:
+    config = trainer.accelerator.state.deepspeed_plugin.deepspeed_config
+    offload = (config.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") not in (None, "none")
+
+
+def engine_of(trainer):
+    """The DeepSpeedEngine that wraps the trainer's model (after accelerate prepared it)."""
+    wrapped = getattr(trainer.accelerator, "deepspeed_engine_wrapped", None)
+    if wrapped is not None:
+        return wrapped.engine
+    return trainer.model_wrapped
+
+
+def innermost_optimizer(optimizer):
+    """The client optimizer behind accelerate's and DeepSpeed's wrappers."""
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+@dataclass
+class Fragment:
+    """This rank's piece of one parameter inside a flat fp32 partition of the optimizer."""
+
+    flat: torch.Tensor  # the 1-D tensor in the client optimizer's param_groups
+    offset: int  # where the piece starts in `flat`
+    start: int  # where it starts in the parameter, flattened
+    numel: int  # entries of the piece that belong to the parameter (no padding)
+
+
+def _flat_holding(view: torch.Tensor, flats: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
+    pointer = view.untyped_storage().data_ptr()
+    for flat in flats:
+        if flat.untyped_storage().data_ptr() == pointer:
+            return flat, view.storage_offset() - flat.storage_offset()
+    raise LookupError("DeepSpeed's fp32 partition of a parameter is not in the optimizer")
+
+
+def fragments(trainer, named_parameters) -> dict[str, Fragment]:
+    """{name: this rank's Fragment} of every trainable parameter that has a piece on this rank."""
+    from deepspeed.utils import safe_get_local_fp32_param
+
+    optimizer = innermost_optimizer(trainer.optimizer)
+    flats = [p for group in optimizer.param_groups for p in group["params"]]
+    rank = torch.distributed.get_rank()
+    result = {}
+    for name, param in named_parameters:
+        if not param.requires_grad:
+            continue
+        if hasattr(param, "ds_id"):  # ZeRO-3: rank r holds entries [r·n, (r+1)·n), padded
+            view = safe_get_local_fp32_param(param)
+            start = rank * view.numel()
+            numel = max(0, min(view.numel(), param.ds_numel - start))
+        else:  # ZeRO-1/2
+            mapping = getattr(param, "_hp_mapping", None)
+            if mapping is None:
+                continue
+            view = mapping.get_hp_fragment()
+            start, numel = mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel
+        if numel == 0:
+            continue
+        flat, offset = _flat_holding(view, flats)
+        result[name] = Fragment(flat, offset, start, numel)
+    return result
+
+
+def install_masks(trainer, model, masks: dict[str, torch.Tensor]) -> None:
+    """Give each flat partition the mask of its pieces (True where training may change it).
+
+    `masks` maps a parameter name to a boolean mask broadcastable to it (SIMU's down_proj
+    columns); parameters without one are trained fully.
+    """
+    optimizer = innermost_optimizer(trainer.optimizer)
+    named = dict(model.named_parameters())
+    flat_masks = {}
+    for name, piece in fragments(trainer, named.items()).items():
+        if name not in masks:
+            continue
+        flat_mask = flat_masks.get(id(piece.flat))
+        if flat_mask is None:
+            flat_mask = torch.ones(piece.flat.shape, dtype=torch.bool, device=piece.flat.device)
+            flat_masks[id(piece.flat)] = (piece.flat, flat_mask)
+        else:
+            flat_mask = flat_mask[1]
+        full = masks[name].to(piece.flat.device).expand(tuple(param_shape(named[name])))
+        flat_mask[piece.offset : piece.offset + piece.numel] = full.reshape(-1)[
+            piece.start : piece.start + piece.numel
+        ]
+    for flat, flat_mask in flat_masks.values():
+        optimizer.set_mask(flat, flat_mask)
+
+
+def param_shape(param: torch.Tensor) -> torch.Size:
+    """The parameter's real shape (ZeRO-3 leaves an empty placeholder outside gathers)."""
+    return getattr(param, "ds_shape", param.shape)
+
+
+def hessian_gradients(trainer, model) -> dict[int, torch.Tensor]:
+    """{id(flat partition): the gradient DeepSpeed just reduced, laid out like that partition}."""
+    from deepspeed.utils import safe_get_full_grad, safe_get_local_grad
+
+    grads = {}
+    for name, piece in fragments(trainer, model.named_parameters()).items():
+        param = dict(model.named_parameters())[name]
+        if hasattr(param, "ds_id"):
+            local = safe_get_local_grad(param).reshape(-1)[: piece.numel]
+        else:
+            full = safe_get_full_grad(param).reshape(-1)
+            local = full[piece.start : piece.start + piece.numel]
+        flat_grad = grads.get(id(piece.flat))
+        if flat_grad is None:
+            flat_grad = grads[id(piece.flat)] = torch.zeros_like(piece.flat)
+        flat_grad[piece.offset : piece.offset + piece.numel] = local.to(flat_grad.dtype)
+    return grads
+
+
+def frozen_copy(trainer, model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen copy of `model` for DeepSpeed runs (the reference / teacher).
+
+    ZeRO-3 partitions parameters at load time (`zero3_init_flag`), and a deep copy of such a
+    model keeps hooks and gather closures of the original: it computes with the live weights.
+    So under ZeRO-3 a fresh model is built from the config through transformers' own
+    `zero.Init` path, filled parameter by parameter under `GatheredParameters`, and wrapped by
+    `deepspeed.initialize` for inference (as the harness does for its reference models). Other
+    stages keep whole parameters on every rank: a deep copy on the device suffices.
+    """
+    import deepspeed
+
+    source = model.module if hasattr(model, "module") else model
+    if zero_stage(trainer) != 3:
+        ref = copy.deepcopy(source).to(trainer.accelerator.device)
+        ref.eval()
+        for param in ref.parameters():
+            param.requires_grad_(False)
+        return ref
+    config = copy.deepcopy(trainer.accelerator.state.deepspeed_plugin.deepspeed_config)
+    dtype = next(source.parameters()).dtype
+    ref = type(source)._from_config(source.config, torch_dtype=dtype)
+    pairs = list(zip(source.parameters(), ref.parameters(), strict=True))
+    rank = torch.distributed.get_rank()
+    for mine, theirs in pairs:
+        with deepspeed.zero.GatheredParameters([mine, theirs], modifier_rank=0):
+            if rank == 0:
+                theirs.data.copy_(mine.data)
+    for src_buffer, dst_buffer in zip(source.buffers(), ref.buffers(), strict=True):
+        dst_buffer.data.copy_(src_buffer.data)
+    for param in ref.parameters():
+        param.requires_grad_(False)
+    for key in ("optimizer", "scheduler"):
+        config.pop(key, None)
+    ref, *_ = deepspeed.initialize(model=ref, config=config)
+    ref.eval()
+    return ref
