@@ -93,9 +93,7 @@ def test_nonfinite_gradient_with_finite_loss_stops_before_the_step(rows, toy_tok
     target = trainer.model.model.layers[1].mlp.up_proj.weight
     target.register_hook(lambda grad: grad * math.nan)
     before = weights(trainer)
-    with pytest.raises(
-        NonFiniteTrainingError, match=r"step 1: gradients of .* are non-finite"
-    ):
+    with pytest.raises(NonFiniteTrainingError, match=r"step 1: gradients of .* are non-finite"):
         trainer.train()
     assert all(torch.equal(p, before[n]) for n, p in weights(trainer).items())
 
@@ -182,3 +180,13 @@ def test_standalone_classes_carry_the_guard():
 
     for name in ("ASU", "SIMU", "SOGradDiff", "SONPO", "StandaloneGradDiff", "StandaloneNPO"):
         assert issubclass(getattr(standalone, name), NonFiniteGuardMixin), name
+
+
+def test_logged_loss_shows_nan_not_zero(rows, toy_tokenizer, tmp_path):
+    from asu_simu_plugin.guards import _NonFiniteCallback
+
+    trainer = trainer_for(rows, toy_tokenizer, tmp_path, steps=2, alpha=math.nan)
+    trainer.remove_callback(_NonFiniteCallback)  # let it run on, to see what is logged
+    trainer.train()
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 2 and all(math.isnan(v) for v in logged)  # transformers' filter: 0.0
