@@ -449,6 +449,18 @@ def test_auto_temperature_and_layers_are_chosen_on_the_forget_set(world, tmp_pat
     )
 
 
+def test_an_auto_run_saves_the_sweep_beside_the_model(world, tmp_path):
+    model, tokenizer, forget, retain = world
+    method_args = {"temperature": "auto", "layers": "auto", "tau_sweep": AUTO_SETTINGS}
+    out = tmp_path / "out"
+    run_unlearning("asu", model, tokenizer, forget, retain, out, method_args, steps(1))
+    names = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "asu_tau_sweep.csv", "asu_tau_sweep.png"} <= names
+    chosen = json.loads((out / "asu_temperature.json").read_text())
+    assert chosen["temperature"] in (2.0, 4.0) and chosen["reason"]
+    assert json.loads((out / RUN_FILE).read_text())["method_args"] == method_args
+
+
 def test_paper_settings_run_no_sweep(world, tmp_path):
     trainer = asu(world, tmp_path, temperature=2.3, layers=None, collapse_guard=False)
     assert (trainer.temperature, trainer.layers) == (2.3, [0, 1, 2, 3])

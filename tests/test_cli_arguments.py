@@ -25,7 +25,9 @@ STANDALONE = [*METHODS, "StandaloneGradDiff", "StandaloneNPO"]
 
 # Values a shipped config sets on purpose instead of the Python default (published settings).
 CONFIG_CHOICES = {
-    "ASU": {"gamma": 0.1},  # the paper's TOFU forget weight
+    # the paper's TOFU forget weight; tau and layers chosen on the forget set (the paper's are
+    # temperature=2.3 layers=null, the constructor's defaults)
+    "ASU": {"gamma": 0.1, "temperature": "auto", "layers": "auto"},
     "SOGradDiff": {"alpha": 2.0, "betas": [0.9, 0.95], "hessian_mode": "grad2"},  # SOUL
     "SONPO": {"beta": 0.1, "betas": [0.9, 0.95], "hessian_mode": "grad2"},  # SOUL
 }

@@ -89,6 +89,10 @@ def test_our_trainer_on_the_harness_default_experiment(tiny_model, tmp_path):
         "trainer.method_args.retain_loss_type=KL",
     )
     assert (out / "model.safetensors").is_file()
+    # The shipped config picks tau and layers on the forget set and saves the sweep beside it.
+    chosen = json.loads((out / "asu_temperature.json").read_text())
+    assert chosen["searched"] == ["temperature", "layers"] and chosen["temperature"] > 1
+    assert (out / "asu_tau_sweep.csv").is_file() and (out / "asu_tau_sweep.png").is_file()
 
 
 def test_teacher_handler_scores_the_tempered_model(tiny_model, tmp_path):
