@@ -37,7 +37,8 @@ class TrainerCompatMixin(NonFiniteGuardMixin):
     and carries the safety rails of `asu_simu_plugin.guards` (stop on non-finite training).
 
     - `tokenizer=` became `processing_class=` (4.46) and was removed (5.0).
-    - `compute_loss` gained `num_items_in_batch` (4.46); bases that predate it get it dropped.
+    - `compute_loss` gained `num_items_in_batch` (4.46); bases that predate it get it dropped,
+      bases that name it or take `**kwargs` get it.
     - Resuming: transformers < 4.50 reads optimizer, scheduler and RNG state with `torch.load`'s
       default (a full unpickler on torch < 2.6); every checkpoint read here is weights-only.
     """
@@ -74,7 +75,12 @@ class TrainerCompatMixin(NonFiniteGuardMixin):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
         parent = super().compute_loss
-        if "num_items_in_batch" in inspect.signature(parent).parameters:
+        parameters = inspect.signature(parent).parameters
+        # forwarded to bases that name it or take **kwargs (the harness's base after its
+        # transformers-4.51 change: `compute_loss(model, inputs, **kwargs)`)
+        if "num_items_in_batch" in parameters or any(
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+        ):
             return parent(
                 model,
                 inputs,
@@ -100,6 +106,15 @@ class UnlearnMethodMixin:
         for param in self.ref_model.parameters():
             param.requires_grad_(False)
         return self.ref_model
+
+    def _prepare_ref_model(self, model):
+        # Under DeepSpeed a deep copy of a ZeRO-3 model computes with the live weights: the
+        # frozen copy is built the DeepSpeed way (asu_simu_plugin.zero.frozen_copy).
+        if getattr(self, "is_deepspeed_enabled", False):
+            from asu_simu_plugin import zero
+
+            return zero.frozen_copy(self, model)
+        return super()._prepare_ref_model(model)
 
     # -- retain objective -------------------------------------------------------------------------
     def retain_objective(self, model, retain_inputs: dict) -> torch.Tensor:
