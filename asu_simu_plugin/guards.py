@@ -4,11 +4,11 @@ Non-finite training. A NaN / inf loss or gradient ruins the weights in one optim
 transformers keeps going (its logging even shows such a loss as the window's mean, 0.0 when every
 step is NaN), so a run could end "successfully" with a model full of NaN. `NonFiniteGuardMixin`
 checks, before every optimizer step, the losses of the step and (without a mixed-precision
-scaler, which skips such steps itself) the gradients, and after the step the trained weights; the
-first failure raises `NonFiniteTrainingError` naming the step, the loss and the likely fix. The
-exception leaves `train()` before the step's checkpoint and before any final save, so the last
-good checkpoint stays and no finished model is written; `save_model` refuses non-finite weights
-too (the harness saves after `train()` returns).
+scaler, which skips such steps itself) the gradients, and the trained weights before each
+checkpoint; the first failure raises `NonFiniteTrainingError` naming the step, the loss and the
+likely fix. The exception leaves `train()` before that checkpoint and before any final save, so
+the last good checkpoint stays and no finished model is written; `save_model` refuses
+non-finite weights too (the harness saves after `train()` returns).
 
 Safe loading. Resuming reads `optimizer.pt`, `scheduler.pt`, `rng_state*.pth`, `scaler.pt` with
 `torch.load`; transformers < 4.50 does so with torch's default, which is a full unpickler on
@@ -78,7 +78,12 @@ class _NonFiniteCallback(TrainerCallback):
         self.trainer._check_before_optimizer_step()
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.trainer._check_after_optimizer_step()
+        # Before a checkpoint is written (the flow callback, registered first, has decided);
+        # other steps need no pass over the weights: a non-finite weight makes the next loss
+        # non-finite, and `save_model` checks the final weights.
+        self.trainer._nonfinite_loss = None
+        if control.should_save:
+            self.trainer._check_after_optimizer_step()
 
 
 class NonFiniteGuardMixin:
@@ -122,7 +127,6 @@ class NonFiniteGuardMixin:
             )
 
     def _check_after_optimizer_step(self) -> None:
-        self._nonfinite_loss = None
         bad = nonfinite_parameters(self.model, trainable_only=True)
         if bad:
             raise NonFiniteTrainingError(

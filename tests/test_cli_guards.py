@@ -98,8 +98,16 @@ def test_nonfinite_gradient_with_finite_loss_stops_before_the_step(rows, toy_tok
     assert all(torch.equal(p, before[n]) for n, p in weights(trainer).items())
 
 
-def test_infinite_learning_rate_is_caught_after_the_step(rows, toy_tokenizer, tmp_path):
+def test_infinite_learning_rate_is_caught_at_the_next_step(rows, toy_tokenizer, tmp_path):
     trainer = trainer_for(rows, toy_tokenizer, tmp_path)
+    trainer.args.learning_rate = math.inf
+    with pytest.raises(NonFiniteTrainingError, match="step 2: the loss is nan"):
+        trainer.train()
+    assert not any(tmp_path.iterdir())
+
+
+def test_nonfinite_weights_are_never_checkpointed(rows, toy_tokenizer, tmp_path):
+    trainer = trainer_for(rows, toy_tokenizer, tmp_path, save_steps=1)
     trainer.args.learning_rate = math.inf
     with pytest.raises(NonFiniteTrainingError, match="step 1: the optimizer step made"):
         trainer.train()
