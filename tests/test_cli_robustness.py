@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -387,3 +388,23 @@ def test_version_and_unknown_command(capsys):
     assert capsys.readouterr().out.strip() == f"asu-simu {__version__}"
     assert main(["unlern"]) == 2
     assert "invalid choice: 'unlern'" in one_error_line(capsys)
+
+
+def test_prepare_output_refusals(tmp_path, monkeypatch):
+    identity = {"method": "asu"}
+    foreign = tmp_path / "out.partial" / "checkpoint-3"
+    foreign.mkdir(parents=True)
+    with pytest.raises(runner.OutputError, match="has no asu_simu_resume.json"):
+        runner.prepare_output(tmp_path / "out", identity=identity, resume=True)
+    (foreign / RESUME_FILE).write_text("{not json")
+    with pytest.raises(runner.OutputError, match="is not valid JSON"):
+        runner.prepare_output(tmp_path / "out", identity=identity, resume=True)
+    monkeypatch.chdir(tmp_path)
+    for dangerous in (tmp_path, tmp_path.parent, Path.home()):
+        with pytest.raises(runner.OutputError, match="choose a dedicated --output"):
+            runner.prepare_output(dangerous, overwrite=True)
+    with pytest.raises(runner.OutputError, match="exclude each other"):
+        runner.prepare_output(tmp_path / "x", overwrite=True, resume=True)
+    (tmp_path / "plain.txt").write_text("")
+    with pytest.raises(runner.OutputError, match="is a file"):
+        runner.prepare_output(tmp_path / "plain.txt")
