@@ -408,3 +408,18 @@ def test_prepare_output_refusals(tmp_path, monkeypatch):
     (tmp_path / "plain.txt").write_text("")
     with pytest.raises(runner.OutputError, match="is a file"):
         runner.prepare_output(tmp_path / "plain.txt")
+
+
+def test_demo_refuses_a_non_empty_output_before_finetuning(tmp_path, capsys, monkeypatch):
+    from asu_simu_plugin.cli import demo
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("fine-tuning started before the output was checked")
+
+    monkeypatch.setattr(demo, "finetune", refuse)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("")
+    assert main(["demo", "--output", str(tmp_path / "out"), "--quiet"]) == 2
+    assert "exists and is not empty: add --overwrite" in one_error_line(capsys)
+    assert main(["demo", "--finetune-epochs", "0"]) == 2
+    assert "argument --finetune-epochs: must be >= 1" in one_error_line(capsys)

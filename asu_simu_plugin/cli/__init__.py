@@ -94,10 +94,20 @@ def main(argv=None) -> int:
     except Exception as error:
         if debug:
             raise
-        usage = isinstance(error, UsageError)
+        usage = isinstance(error, (UsageError, *_usage_error_types()))
         hint = "" if usage else f" (--debug or {DEBUG_ENV}=1 shows the traceback)"
         print(f"{prog}: error: {one_line(error)}{hint}", file=sys.stderr)
         return 2 if usage else 1
+
+
+def _usage_error_types() -> list[type]:
+    """Errors about what the user asked for, wherever raised (loaded modules only: no imports)."""
+    names = [
+        ("asu_simu_plugin.runner", "OutputError"),
+        ("asu_simu_plugin.methods.arguments", "MethodArgumentError"),
+        ("asu_simu_plugin.data", "DataFormatError"),
+    ]
+    return [getattr(sys.modules[m], n) for m, n in names if m in sys.modules]
 
 
 def _top_parser() -> Parser:
