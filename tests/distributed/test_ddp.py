@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from distributed_support import final_tensors, torchrun
+
+from .distributed_support import final_tensors, torchrun
 
 pytestmark = pytest.mark.distributed
 
