@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 from collections.abc import Iterator
 
@@ -180,7 +181,8 @@ _MODEL_CLASS = None
 
 def lora_model_class():
     """`LoRAModelForCausalLM`: peft's causal-LM model whose `save_pretrained` writes a plain
-    merged model (what the harness's `src/eval.py` loads) unless `lora_save="adapter"`."""
+    merged model (what the harness's `src/eval.py` loads) plus the adapter in `default/`, unless
+    `lora_save="adapter"`; Trainer's `checkpoint-N` folders get the adapter (for resuming)."""
     global _MODEL_CLASS
     if _MODEL_CLASS is not None:
         return _MODEL_CLASS
@@ -190,21 +192,23 @@ def lora_model_class():
         lora_save = "merged"
 
         def save_pretrained(self, save_directory, *args, state_dict=None, **kwargs):
-            if self.lora_save == "adapter":
+            # Trainer's checkpoints keep peft's adapter format: it resumes a peft model only
+            # from a folder without a full model file (it would load a merged one, key-mismatched,
+            # with strict=False, and silently keep fresh adapters).
+            is_checkpoint = re.fullmatch(r"checkpoint-\d+", os.path.basename(save_directory))
+            if self.lora_save == "adapter" or is_checkpoint:
                 return super().save_pretrained(
                     save_directory, *args, state_dict=state_dict, **kwargs
                 )
             is_main = kwargs.get("is_main_process", True)
-            # The adapter goes into a sub-folder named after it: `Trainer` resumes a peft model
-            # from exactly there, and the top level stays a plain model (a top-level
-            # adapter_config.json would make `from_pretrained` load it as an adapter).
+            # The adapter alone goes into a sub-folder named after it; the top level stays a
+            # plain model (a top-level adapter_config.json makes `from_pretrained` load an adapter).
             adapter_dir = os.path.join(save_directory, self.active_adapter)
             peft.PeftModelForCausalLM.save_pretrained(
                 self, adapter_dir, state_dict=state_dict, is_main_process=is_main
             )
             for name in ("adapter_config.json", "adapter_model.safetensors", "README.md"):
-                # peft writes a named adapter's files into a further sub-folder only for
-                # non-default names; keep one layout either way.
+                # peft nests a non-default adapter in a further folder of its name; flatten it
                 nested = os.path.join(adapter_dir, self.active_adapter, name)
                 if is_main and os.path.isfile(nested):
                     os.replace(nested, os.path.join(adapter_dir, name))

@@ -52,6 +52,8 @@ class LoRACausalLM:
         module names such as [q_proj, v_proj]),
       lora_save ("merged": `save_pretrained` writes a plain model with the adapters folded in,
         plus the adapter alone in the sub-folder `default/`; "adapter": the adapter only).
+        Trainer's intermediate `checkpoint-N` folders always hold the adapter, which is what
+        `resume_from_checkpoint` restores.
 
     Every trainer gets the peft model (only the adapters train); ours also use its base weights,
     adapters disabled, as the frozen reference and as ASU's teacher instead of a second copy.

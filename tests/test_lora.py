@@ -367,3 +367,31 @@ def test_harness_trains_lora_and_eval_scores_the_merged_model(
     )
     summary = json.loads((evals / "TOFU_SUMMARY.json").read_text())
     assert 0.0 < summary["forget_Q_A_Prob"] < 1.0
+
+
+def test_resume_restores_the_adapters_from_a_checkpoint(plain_llama, world, tmp_path):
+    tokenizer, forget, retain = world
+
+    def settings(steps):
+        extra = {"max_steps": steps, "disable_tqdm": True, "save_steps": 1}
+        return RunSettings(
+            epochs=1, batch_size=5, learning_rate=1e-2, save_strategy="steps", extra=extra
+        )
+
+    first = LoRACausalLM.from_pretrained(str(plain_llama))
+    run_unlearning("graddiff", first, tokenizer, forget, retain, tmp_path / "a", {}, settings(1))
+    checkpoint = tmp_path / "a" / "checkpoint-1"
+    assert (checkpoint / "adapter_model.safetensors").is_file()  # peft's format: Trainer resumes it
+    assert not (checkpoint / "model.safetensors").exists()
+    assert (tmp_path / "a" / "model.safetensors").is_file()  # the final output: merged
+    trained = {n: p.detach().clone() for n, p in first.named_parameters() if "lora_" in n}
+
+    second = LoRACausalLM.from_pretrained(str(plain_llama))
+    trainer = build_trainer(
+        "graddiff", second, tokenizer, forget, retain, tmp_path / "a", {}, settings(1)
+    )
+    trainer.train(resume_from_checkpoint=str(checkpoint))  # at max_steps already: loads only
+    for name, param in second.named_parameters():
+        if "lora_" in name:
+            assert torch.equal(param, trained[name]), name
+            assert param.requires_grad  # loaded trainable, as it was
