@@ -125,6 +125,17 @@ class SophiaG(Optimizer):
             state["residual"] = torch.zeros_like(p, dtype=torch.float32)
         return state
 
+    def init_state(self) -> None:
+        """Create every parameter's state now instead of at its first update.
+
+        DeepSpeed ZeRO-1/2 links its per-parameter views of the optimizer state once, right
+        after stepping the first parameter group: state created later (other groups) would
+        stay invisible to its accessors (`safe_get_full_optimizer_state`, checkpoints).
+        """
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._state_for(p)
+
     def _managed(self, param: torch.Tensor) -> bool:
         return any(param is p for group in self.param_groups for p in group["params"])
 

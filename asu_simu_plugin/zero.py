@@ -14,6 +14,7 @@ Only this module (and the DeepSpeed-aware parts of `methods/`) knows about DeepS
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 
@@ -49,6 +50,38 @@ def innermost_optimizer(optimizer):
     return optimizer
 
 
+def flat_partitions(trainer) -> list[list[torch.Tensor]]:
+    """This rank's flat fp32 partitions, per parameter group of the client optimizer.
+
+    ZeRO-1/2 leave them in the optimizer's groups; ZeRO-3 puts one sub-group at a time into a
+    group for its step and empties the groups in between, so they come from its optimizer.
+    """
+    optimizer = innermost_optimizer(trainer.optimizer)
+    groups = [list(group["params"]) for group in optimizer.param_groups]
+    if zero_stage(trainer) == 3:
+        zero3 = engine_of(trainer).optimizer
+        groups = [[] for _ in optimizer.param_groups]
+        for index, flat in enumerate(zero3.fp32_partitioned_groups_flat):
+            groups[zero3.sub_group_to_group_id[index]].append(flat)
+    return groups
+
+
+@contextlib.contextmanager
+def all_partitions_in_groups(trainer):
+    """The client optimizer's groups hold every flat partition of this rank inside the block
+    (what ZeRO-3 does for one sub-group around each step), so per-parameter calls of ours
+    (`init_state`, `set_mask`, `update_hessian`) see them all."""
+    optimizer = innermost_optimizer(trainer.optimizer)
+    saved = [group["params"] for group in optimizer.param_groups]
+    for group, flats in zip(optimizer.param_groups, flat_partitions(trainer), strict=True):
+        group["params"] = flats
+    try:
+        yield optimizer
+    finally:
+        for group, params in zip(optimizer.param_groups, saved, strict=True):
+            group["params"] = params
+
+
 @dataclass
 class Fragment:
     """This rank's piece of one parameter inside a flat fp32 partition of the optimizer."""
@@ -71,8 +104,7 @@ def fragments(trainer, named_parameters) -> dict[str, Fragment]:
     """{name: this rank's Fragment} of every trainable parameter that has a piece on this rank."""
     from deepspeed.utils import safe_get_local_fp32_param
 
-    optimizer = innermost_optimizer(trainer.optimizer)
-    flats = [p for group in optimizer.param_groups for p in group["params"]]
+    flats = [p for group in flat_partitions(trainer) for p in group]
     rank = torch.distributed.get_rank()
     result = {}
     for name, param in named_parameters:
@@ -101,7 +133,6 @@ def install_masks(trainer, model, masks: dict[str, torch.Tensor]) -> None:
     `masks` maps a parameter name to a boolean mask broadcastable to it (SIMU's down_proj
     columns); parameters without one are trained fully.
     """
-    optimizer = innermost_optimizer(trainer.optimizer)
     named = dict(model.named_parameters())
     flat_masks = {}
     for name, piece in fragments(trainer, named.items()).items():
@@ -117,8 +148,9 @@ def install_masks(trainer, model, masks: dict[str, torch.Tensor]) -> None:
         flat_mask[piece.offset : piece.offset + piece.numel] = full.reshape(-1)[
             piece.start : piece.start + piece.numel
         ]
-    for flat, flat_mask in flat_masks.values():
-        optimizer.set_mask(flat, flat_mask)
+    with all_partitions_in_groups(trainer) as optimizer:
+        for flat, flat_mask in flat_masks.values():
+            optimizer.set_mask(flat, flat_mask)
 
 
 def param_shape(param: torch.Tensor) -> torch.Size:
@@ -130,18 +162,24 @@ def hessian_gradients(trainer, model) -> dict[int, torch.Tensor]:
     """{id(flat partition): the gradient DeepSpeed just reduced, laid out like that partition}."""
     from deepspeed.utils import safe_get_full_grad, safe_get_local_grad
 
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    pieces = fragments(trainer, named)
     grads = {}
-    for name, piece in fragments(trainer, model.named_parameters()).items():
-        param = dict(model.named_parameters())[name]
+    for name, param in named:  # every rank, same order: the ZeRO-1/2 read is a collective
         if hasattr(param, "ds_id"):
-            local = safe_get_local_grad(param).reshape(-1)[: piece.numel]
+            local = safe_get_local_grad(param).reshape(-1) if name in pieces else None
         else:
-            full = safe_get_full_grad(param).reshape(-1)
-            local = full[piece.start : piece.start + piece.numel]
+            full = safe_get_full_grad(param)
+            local = None if name not in pieces else full.reshape(-1)[pieces[name].start :]
+        if name not in pieces:
+            continue
+        piece = pieces[name]
         flat_grad = grads.get(id(piece.flat))
         if flat_grad is None:
             flat_grad = grads[id(piece.flat)] = torch.zeros_like(piece.flat)
-        flat_grad[piece.offset : piece.offset + piece.numel] = local.to(flat_grad.dtype)
+        flat_grad[piece.offset : piece.offset + piece.numel] = local[: piece.numel].to(
+            flat_grad.dtype
+        )
     return grads
 
 

@@ -182,6 +182,9 @@ class SophiaMixin:
     # -- the Gauss-Newton-Bartlett pass --------------------------------------------------------
     def training_step(self, model, inputs, *args, **kwargs):
         if zero.zero_stage(self) and not self._zero_masks_installed:
+            # DeepSpeed has laid the parameters out as flat partitions by now
+            with zero.all_partitions_in_groups(self) as optimizer:
+                optimizer.init_state()
             masks = self.parameter_masks()
             if masks:
                 zero.install_masks(self, unwrap_model(self.model), masks)
@@ -286,8 +289,7 @@ class SophiaMixin:
             engine.set_gradient_accumulation_boundary(boundary)
         grads = zero.hessian_gradients(self, unwrap_model(self.model))
         engine.optimizer.zero_grad(set_to_none=True)
-        optimizer = self.optimizer_for_hessian()
-        flats = [p for group in optimizer.param_groups for p in group["params"]]
+        flats = [p for group in zero.flat_partitions(self) for p in group]
         if self.args.max_grad_norm:
             squares = sum((g.float() ** 2).sum() for g in grads.values())
             squares = torch.as_tensor(squares, device=self.accelerator.device, dtype=torch.float32)
@@ -299,7 +301,8 @@ class SophiaMixin:
         for flat in flats:
             flat.grad = grads.get(id(flat))
         try:
-            self._fold_hessian(tokens)
+            with zero.all_partitions_in_groups(self):
+                self._fold_hessian(tokens)
         finally:
             for flat in flats:
                 flat.grad = None
