@@ -74,8 +74,8 @@ class RunSettings:
             save_strategy=self.save_strategy,
             report_to=[],
             remove_unused_columns=False,
-            use_cpu=not torch.cuda.is_available(),
-            **self.extra,
+            # `extra` may override it: DeepSpeed on CPU needs use_cpu=False (True disables it)
+            **{"use_cpu": not torch.cuda.is_available(), **self.extra},
         )
 
 

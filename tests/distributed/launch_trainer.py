@@ -29,6 +29,34 @@ def digest(tensors) -> str:
     return sha.hexdigest()
 
 
+def full_state(trainer):
+    """({name: parameter}, {name: Hessian EMA}, {name: momentum}), whole, on every rank (under
+    DeepSpeed gathered with its own accessors: collectives, so every rank calls them)."""
+    model = trainer.model
+    optimizer = getattr(trainer, "optimizer_for_hessian", lambda: None)()
+    params, hessians, momenta = {}, {}, {}
+    if not getattr(trainer, "is_deepspeed_enabled", False):
+        for name, p in model.named_parameters():
+            params[name] = p.detach().cpu().clone()
+            if optimizer is not None and p in optimizer.state:
+                hessians[name] = optimizer.state[p]["hessian"].detach().cpu().clone()
+                momenta[name] = optimizer.state[p]["exp_avg"].detach().cpu().clone()
+        return params, hessians, momenta
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            params[name] = safe_get_full_fp32_param(p).detach().cpu().clone()
+            if optimizer is not None:
+                hessians[name] = safe_get_full_optimizer_state(p, "hessian").detach().cpu()
+                momenta[name] = safe_get_full_optimizer_state(p, "exp_avg").detach().cpu()
+        else:
+            with deepspeed.zero.GatheredParameters([p]):
+                params[name] = p.detach().cpu().clone()
+    return params, hessians, momenta
+
+
 def main(out: str, spec: dict) -> None:
     if spec.get("argmax_labels"):
         from asu_simu_plugin.methods.sophia import SophiaMixin
@@ -43,23 +71,16 @@ def main(out: str, spec: dict) -> None:
     known = {f.name for f in dataclasses.fields(RunSettings)}
     given = {"logging_steps": 1, **spec["settings"]}
     extra = {**given.pop("extra", {}), **{k: given.pop(k) for k in list(given) if k not in known}}
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
+        extra["use_cpu"] = False  # DeepSpeed picks its CPU accelerator itself
     settings = RunSettings(**given, extra=extra)
     trainer = build_trainer(
         spec["method"], model, tokenizer, forget, retain, out, spec["method_args"], settings
     )
     trainer.train()
     rank = int(os.environ.get("RANK", 0))
-    named = dict(trainer.model.named_parameters())
-    optimizer = (
-        trainer.optimizer_for_hessian() if hasattr(trainer, "optimizer_for_hessian") else None
-    )
-    state = []
-    hessians = {}
-    if optimizer is not None:
-        for name, p in named.items():
-            if p in optimizer.state:
-                state += [optimizer.state[p][k] for k in ("exp_avg", "hessian")]
-                hessians[name] = optimizer.state[p]["hessian"].detach().cpu().contiguous()
+    named, hessians, momenta = full_state(trainer)
+    state = [t for name in sorted(hessians) for t in (momenta[name], hessians[name])]
     record = {
         "params": digest(named.values()),
         "optimizer_state": digest(state),
@@ -70,8 +91,11 @@ def main(out: str, spec: dict) -> None:
         json.dump(record, fh)
     if rank == 0:
         tensors = {f"param/{n}": p.detach().cpu().contiguous() for n, p in named.items()}
-        tensors.update({f"hessian/{n}": h for n, h in hessians.items()})
+        tensors.update({f"exp_avg/{n}": h.contiguous() for n, h in momenta.items()})
+        tensors.update({f"hessian/{n}": h.contiguous() for n, h in hessians.items()})
         save_file(tensors, os.path.join(out, "final.safetensors"))
+    if spec.get("save"):
+        trainer.save_model(os.path.join(out, "model"))
     del trainer
     close_distributed()
 
