@@ -86,6 +86,10 @@ def main(out: str, spec: dict) -> None:
         "optimizer_state": digest(state),
         "log_history": trainer.state.log_history,
         "masks": {k: v.int().tolist() for k, v in getattr(trainer, "neuron_masks", {}).items()},
+        # ASU: the teacher's setting (chosen on rank 0 when `auto`) and the collapse check
+        "teacher": {
+            k: getattr(trainer, k, None) for k in ("temperature", "layers", "collapse_stats")
+        },
     }
     with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
         json.dump(record, fh)
