@@ -643,6 +643,17 @@ def plot_grid(rows, path, chosen=None) -> Path:
                 "o-",
                 label=f"layers {block}",
             )
+        offset = 0.0 if key == "end_probability" else base[key]
+        excluded = [r for r in rows if r["tau"] > 1.0 and r.get("admissible") is False]
+        if excluded:  # outside the fluency budget or above the P(end) limit
+            ax.plot(
+                [r["tau"] for r in excluded],
+                [r[key] - offset for r in excluded],
+                "x",
+                color="black",
+                markersize=7,
+                label="not admissible",
+            )
         if chosen is not None:
             value = chosen[key] - (0.0 if key == "end_probability" else base[key])
             ax.plot([chosen["tau"]], [value], "*", color="tab:red", markersize=16, zorder=5)
