@@ -752,14 +752,10 @@ def auto_temperature(
             write_grid_csv(rows, out / "asu_tau_sweep.csv")
             plot_grid(rows, out / "asu_tau_sweep.png", chosen)
             (out / "asu_temperature.json").write_text(json.dumps(record, indent=2) + "\n")
-            record["files"] = [
-                str(out / n)
-                for n in ("asu_tau_sweep.csv", "asu_tau_sweep.png", "asu_temperature.json")
-            ]
         _announce(
             f"ASU auto: temperature {chosen['tau']:g}, layers {chosen['layers']} ({reason}); "
             f"{len(rows)} settings on {len(items)} forget rows"
-            + (f"; saved in {output_dir}" if output_dir is not None else "")
+            + ("; asu_tau_sweep.csv/.png, asu_temperature.json saved" if output_dir else "")
         )
         return record
 
