@@ -158,6 +158,25 @@ def test_matches_softmax_reference(arch, impl, layers, route, monkeypatch):
     assert (tempered - plain)[valid].abs().max() > 1e-2  # τ really changed the model
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_flex_attention_backend(arch, monkeypatch):
+    """transformers >= 4.48's flex attention (compiled; ~1-2 min on CPU) gets the module's
+    `scaling` as its `scale` and the soft-cap in its score function: exact as eager."""
+    if not attention.SCALING_ROUTE:
+        pytest.skip("flex attention through `scaling` needs transformers >= 4.48")
+    model = build(arch, "flex_attention")
+    reference_model = eager_twin(model, arch)
+    batch = {"input_ids": padded_batch()["input_ids"]}  # no padding mask: flex's block mask
+    with softmax_divided_by(reference_model, TAU, [0, 1, 2], monkeypatch):
+        expected = logits(reference_model, batch)
+    with attention_temperature(model, TAU) as handle:
+        assert set(handle.routes.values()) == {"scaling"}
+        tempered = logits(model, batch)
+    assert (tempered - expected).abs().max() <= ATOL
+    assert (tempered - logits(model, batch)).abs().max() > 1e-2
+
+
 @pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
 def test_softcap_is_scaled_per_layer(arch):
     """Gemma-2: the cap of tempered layers becomes cap/τ; other layers and the config keep cap."""
