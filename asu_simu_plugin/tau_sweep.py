@@ -869,8 +869,17 @@ def _trainer_parts(trainer):
     return plain_model(trainer.model), tokenizer, forget, trainer.args.output_dir
 
 
-def check_method_arguments(temperature, layers, teacher_eos, tau_sweep, collapse_guard) -> None:
+def check_method_arguments(
+    temperature, layers, teacher_eos, tau_sweep, collapse_guard, forget_loss_type="KL"
+) -> None:
     """The ASU trainer's checks of these arguments, before any model work."""
+    if AUTO in (temperature, layers) and forget_loss_type != "KL":
+        # The sweep scores the teacher's answer tokens; the embedding variant matches hidden
+        # states at `embed_layer`, which layers above it do not even change.
+        raise ValueError(
+            f"temperature/layers 'auto' chooses them for the KL forget loss; with "
+            f"forget_loss_type={forget_loss_type} give a temperature and layers <= embed_layer"
+        )
     if temperature != AUTO and (
         isinstance(temperature, bool)
         or not isinstance(temperature, int | float)

@@ -352,6 +352,7 @@ def test_layers_select_the_tempered_layers(world, tmp_path):
         ({"layers": "15"}, "layers must be null.*'auto'"),
         ({"layers": [1.0]}, "layer ids must be integers"),
         ({"teacher_eos": "drop"}, "teacher_eos must be one of keep, suppress"),
+        ({**EMBED, "layers": "auto"}, "'auto' chooses them for the KL forget loss"),
         ({"tau_sweep": {"sampel": 4}}, "tau_sweep: .*sampel.*known keys: sample"),
         ({"tau_sweep": {"taus": [0.5, 2]}}, r"tau_sweep.taus must be > 1"),
         ({"collapse_guard": {"max_empty_share": -1}}, r"collapse_guard.max_empty_share"),

@@ -106,7 +106,9 @@ class ASUMixin(UnlearnMethodMixin):
                 f"retain_loss_type={retain_type!r} is not supported by ASU; use one of "
                 f"{', '.join(ASU_RETAIN_LOSS_TYPES)}"
             )
-        auto.check_method_arguments(temperature, layers, teacher_eos, tau_sweep, collapse_guard)
+        auto.check_method_arguments(
+            temperature, layers, teacher_eos, tau_sweep, collapse_guard, forget_loss_type
+        )
         if not isinstance(teacher_cache, bool):
             raise ValueError(f"teacher_cache must be true or false (got {teacher_cache!r})")
         if teacher_cache and forget_loss_type != "KL":
