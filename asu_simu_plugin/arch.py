@@ -242,3 +242,40 @@ def is_no_decay_parameter(name: str, param: nn.Parameter) -> bool:
 def parameter_names(model: nn.Module, params: Sequence[nn.Parameter]) -> list[str]:
     ids = {id(p): n for n, p in unwrap_model(model).named_parameters()}
     return [ids[id(p)] for p in params]
+
+
+def sliding_window(model: nn.Module) -> int | None:
+    """The model's sliding attention window in tokens, or None when attention is global."""
+    config = unwrap_model(model).config
+    if getattr(config, "use_sliding_window", True) is False:  # Qwen2 keeps a window it ignores
+        return None
+    window = getattr(config, "sliding_window", None)
+    return int(window) if window else None
+
+
+def key_value_cache(record: bool = False):
+    """An empty transformers `DynamicCache` for one forward. With `record`, each layer's keys
+    and values of that forward are also kept as `cache.recorded[layer_idx] = (keys, values)`
+    (the layout the model's attention stores, whatever the transformers version)."""
+    from transformers import DynamicCache
+
+    if not record:
+        return DynamicCache()
+
+    class RecordingCache(DynamicCache):
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            self.recorded[layer_idx] = (key_states, value_states)
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    cache = RecordingCache()
+    cache.recorded = {}
+    return cache
+
+
+def cache_argument(model: nn.Module, cache) -> dict:
+    """Keyword arguments passing `cache` to the model's forward (transformers 5.x renamed
+    `past_key_values` to `cache`)."""
+    import inspect
+
+    parameters = inspect.signature(unwrap_model(model).forward).parameters
+    return {"cache" if "cache" in parameters else "past_key_values": cache, "use_cache": True}

@@ -1,4 +1,5 @@
-"""SIMU neuron attribution (integrated gradients) and critical-neuron masks."""
+"""SIMU neuron attribution (integrated gradients, per answer token and per sequence) and
+critical-neuron masks (files recording the model they were made for)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ from conftest import GATED_MLP_ARCHITECTURES, tiny_causal_lm
 
 from asu_simu_plugin.arch import decoder_layers, down_projection
 from asu_simu_plugin.neurons import (
+    check_masks,
     critical_neuron_masks,
     load_masks,
+    mask_record,
     mask_summary,
+    model_record,
     neuron_attributions,
     plot_mask_counts,
     save_masks,
@@ -36,8 +40,8 @@ def make_batch(seed=0, vocab=600, left_pad=False):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def sharpened(arch="llama"):
-    model = tiny_causal_lm(arch)
+def sharpened(arch="llama", dtype=torch.float32, **kwargs):
+    model = tiny_causal_lm(arch, **kwargs).to(dtype)
     with torch.no_grad():  # random init leaves the MLP nearly silent; make it matter
         for layer in decoder_layers(model):
             down_projection(layer).weight.mul_(10)
@@ -50,16 +54,69 @@ def answer_log_likelihood(logits, labels):
     )
 
 
-def log_likelihood(model, batch, zero_layer=None):
+def log_likelihood(model, batch, zero_layer=None, position=None):
+    """Answer log-likelihood; with `zero_layer`, that layer's MLP activation zeroed at
+    `position` (of every row) or everywhere."""
     handle = None
     if zero_layer is not None:
         proj = down_projection(decoder_layers(model)[zero_layer])
-        handle = proj.register_forward_pre_hook(lambda m, a: (a[0] * 0,))
+
+        def zero(_module, args):
+            activation = args[0].clone()
+            if position is None:
+                activation.zero_()
+            else:
+                activation[:, position] = 0
+            return (activation,)
+
+        handle = proj.register_forward_pre_hook(zero)
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     if handle is not None:
         handle.remove()
-    return answer_log_likelihood(logits, batch["labels"])
+    if position is None:
+        return answer_log_likelihood(logits, batch["labels"])
+    # Only the token predicted at `position`.
+    labels = torch.full_like(batch["labels"], -100)
+    labels[:, position + 1] = batch["labels"][:, position + 1]
+    return answer_log_likelihood(logits, labels)
+
+
+def brute_force_token_ig(model, batch, layer, steps):
+    """Per-answer-token IG by its definition: one full forward/backward per (row, position,
+    step), scaling the activation at that position only, attributing that token's log p."""
+    proj = down_projection(decoder_layers(model)[layer])
+    captured = {}
+    handle = proj.register_forward_pre_hook(lambda m, a: captured.setdefault("beta", a[0]))
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    handle.remove()
+    beta = captured["beta"]
+    total = torch.zeros(beta.shape[-1], dtype=beta.dtype)
+    rows, length = batch["input_ids"].shape
+    for b in range(rows):
+        for p in range(length - 1):
+            target = int(batch["labels"][b, p + 1])
+            if target == -100:
+                continue
+            for j in range(1, steps + 1):
+                point = (j / steps * beta[b, p]).requires_grad_(True)
+
+                def scale(_module, args, b=b, p=p, point=point):
+                    activation = args[0].clone()
+                    activation[b, p] = point
+                    return (activation,)
+
+                handle = proj.register_forward_pre_hook(scale)
+                with torch.enable_grad():
+                    logits = model(
+                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                    ).logits
+                    log_p = logits[b, p].log_softmax(-1)[target]
+                    (grad,) = torch.autograd.grad(log_p, point)
+                handle.remove()
+                total += beta[b, p] * grad / steps
+    return total
 
 
 def brute_force_ig(model, batch, layer, steps):
@@ -85,62 +142,138 @@ def brute_force_ig(model, batch, layer, steps):
     return total
 
 
-def test_completeness_error_shrinks_with_steps():
-    model = sharpened()
+def answer_positions(batch):
+    """Positions p whose logits predict an answer token (labels[:, p + 1] != -100)."""
+    return sorted({p for _, p in (batch["labels"][:, 1:] != -100).nonzero().tolist()})
+
+
+@pytest.mark.parametrize("attribution", ["per_token", "sequence"])
+def test_completeness_error_shrinks_with_steps(attribution):
+    model = sharpened(dtype=torch.float64)
     batch = make_batch()
     layer = 1
-    exact = float(log_likelihood(model, batch) - log_likelihood(model, batch, zero_layer=layer))
+    if attribution == "sequence":  # L(observed) − L(layer zeroed everywhere)
+        exact = log_likelihood(model, batch) - log_likelihood(model, batch, zero_layer=layer)
+    else:  # Σ_p [L_p(observed) − L_p(layer zeroed at p only)]
+        exact = sum(
+            log_likelihood(model, batch, position=p)
+            - log_likelihood(model, batch, zero_layer=layer, position=p)
+            for p in answer_positions(batch)
+        )
+    exact = float(exact)
     assert abs(exact) > 0.05  # the layer matters, so the check below is not 0 ≈ 0
     errors = {}
     for steps in (4, 64):
         att = neuron_attributions(
-            model, [batch], steps=steps, layers=[layer], progress=False, chunk_size=64
+            model, [batch], steps=steps, layers=[layer], attribution=attribution, progress=False
         )
         assert list(att) == [layer]
-        errors[steps] = abs(float(att[layer].sum()) - exact)
+        errors[steps] = abs(float(att[layer].double().sum()) - exact)
     assert errors[64] < errors[4] / 8  # a Riemann sum's error falls like 1/m
     assert errors[64] < 0.01 * abs(exact)
 
 
-def test_each_layer_equals_a_brute_force_single_layer_loop_whatever_the_chunking():
-    model = sharpened()
+@pytest.mark.parametrize("arch", GATED_MLP_ARCHITECTURES)
+def test_per_token_equals_the_per_position_definition_in_float64(arch):
+    """The cached-prefix queries give exactly what one full forward per (row, answer position,
+    Riemann step) gives, scaling that position only (≤ 1e-6 relative, float64)."""
+    # Eager float64 turns the left-padded row's masked softmax into NaN in the brute force
+    # itself, so left padding is checked with SDPA.
+    impl = "eager" if arch == "gemma2" else "sdpa"
+    model = sharpened(arch, dtype=torch.float64, attn_implementation=impl)
+    batches = [make_batch(seed=1, left_pad=impl == "sdpa")]
+    att = neuron_attributions(model, batches, steps=2, progress=False)
+    width = down_projection(decoder_layers(model)[0]).in_features
+    assert sorted(att) == [0, 1, 2]
+    assert all(a.shape == (width,) and a.dtype == torch.float32 for a in att.values())
+    assert all(a.device.type == "cpu" for a in att.values())
+    for layer in (0, 2):
+        expected = sum(brute_force_token_ig(model, b, layer, 2) for b in batches)
+        scale = float(expected.abs().max())
+        assert scale > 1e-3
+        torch.testing.assert_close(att[layer].double(), expected, rtol=1e-6, atol=1e-6 * scale)
+
+
+def test_per_token_whatever_the_chunking_and_the_eager_backend():
+    model = sharpened(dtype=torch.float64)  # eager; right padding only (see above)
     model.train()  # attribution must switch to eval and back
     frozen = down_projection(decoder_layers(model)[0]).weight
     frozen.requires_grad_(False)
-    batches = [make_batch(seed=3), make_batch(seed=4, left_pad=True)]
-    steps = 4
-    default = neuron_attributions(model, batches, steps=steps, progress=False)
+    batches = [make_batch(seed=3)]
+    default = neuron_attributions(model, batches, steps=3, progress=False)
     assert model.training
     assert all(p.grad is None for p in model.parameters())
     assert not frozen.requires_grad
     assert all(p.requires_grad for p in model.parameters() if p is not frozen)
     model.eval()
+    expected = sum(brute_force_token_ig(model, b, 1, 3) for b in batches)
+    torch.testing.assert_close(
+        default[1].double(), expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max())
+    )
+    # Copies of different layers stacked in one pass (2 does not divide 3, 9 = everything).
+    for chunk in (2, 9):
+        chunked = neuron_attributions(model, batches, steps=3, progress=False, chunk_size=chunk)
+        for layer in default:
+            torch.testing.assert_close(chunked[layer], default[layer], rtol=1e-6, atol=1e-9)
+
+
+def test_the_two_definitions_differ():
+    model = sharpened()
+    batch = make_batch()
+    token = neuron_attributions(model, [batch], steps=4, progress=False)
+    sequence = neuron_attributions(model, [batch], steps=4, attribution="sequence", progress=False)
+    for layer in (0, 1):
+        assert (token[layer] - sequence[layer]).abs().max() > 0.05 * sequence[layer].abs().max()
+    # In the last layer a position's MLP output reaches no other position, so the sequence
+    # path's score splits exactly into the per-token ones.
+    torch.testing.assert_close(token[2], sequence[2], rtol=1e-4, atol=1e-7)
+
+
+def test_sequence_equals_a_brute_force_single_layer_loop_whatever_the_chunking():
+    model = sharpened()
+    batches = [make_batch(seed=3), make_batch(seed=4, left_pad=True)]
+    steps = 4
+    default = neuron_attributions(
+        model, batches, steps=steps, attribution="sequence", progress=False
+    )
     for layer in (0, 1, 2):
         expected = sum(brute_force_ig(model, b, layer, steps) for b in batches)
         assert expected.abs().max() > 1e-2
         torch.testing.assert_close(default[layer], expected, rtol=1e-4, atol=1e-6)
-    # Copies of different layers stacked in one pass (3 does not divide 4, 12 = everything).
     for chunk in (3, 12):
-        chunked = neuron_attributions(model, batches, steps=steps, progress=False, chunk_size=chunk)
+        chunked = neuron_attributions(
+            model, batches, steps=steps, attribution="sequence", progress=False, chunk_size=chunk
+        )
         for layer in default:
             torch.testing.assert_close(chunked[layer], default[layer], rtol=1e-5, atol=1e-7)
 
 
-def test_default_runs_one_pass_per_layer_of_steps_copies():
+@pytest.mark.parametrize("steps", [2, 5])
+def test_per_token_work_is_answer_tokens_times_layers_times_steps(steps):
+    """Tokens each decoder layer runs: the observed pass (B·T), then per pass for layer l one
+    single-token query per (copy, row, answer slot) through layers ≥ l only — so the total is
+    linear in answer tokens × layers × m, whatever the prompt length."""
     model = tiny_causal_lm("llama")
-    rows_per_pass = []
-    handle = model.register_forward_pre_hook(
-        lambda m, args, kwargs: rows_per_pass.append(kwargs["input_ids"].shape[0]),
-        with_kwargs=True,
-    )
-    neuron_attributions(model, [make_batch(), make_batch(1)], steps=4, progress=False)
-    handle.remove()
-    # Per batch: one observed pass of 2 rows, then 3 layers × 4 copies × 2 rows.
-    assert rows_per_pass == [2, 8, 8, 8] * 2
+    tokens = {i: [] for i in range(3)}
+    for i, layer in enumerate(decoder_layers(model)):
+        layer.self_attn.register_forward_pre_hook(
+            lambda m, args, kwargs, i=i: tokens[i].append(kwargs["hidden_states"].shape[:2]),
+            with_kwargs=True,
+        )
+    batch = make_batch()  # 9 tokens; answers: row 0 predicts 5, row 1 (padded) 4
+    slots = 5  # queries per row: the most answer tokens of any row
+    neuron_attributions(model, [batch], steps=steps, progress=False)
+    rows = steps * 2  # one copy of the batch per Riemann step
+    assert tokens == {
+        0: [(2, 9), (rows, slots)],
+        1: [(2, 9), (rows, slots), (rows, slots)],
+        2: [(2, 9), (rows, slots), (rows, slots), (rows, slots)],
+    }
+    assert not any("forward" in vars(layer) for layer in decoder_layers(model))
 
 
 @pytest.mark.parametrize("chunk_size", [None, 8])
-def test_layers_below_the_scaled_ones_are_replayed_not_run(chunk_size):
+def test_sequence_layers_below_the_scaled_ones_are_replayed_not_run(chunk_size):
     model = tiny_causal_lm("llama")
     rows_per_layer = {i: [] for i in range(3)}
     for i, layer in enumerate(decoder_layers(model)):
@@ -148,7 +281,14 @@ def test_layers_below_the_scaled_ones_are_replayed_not_run(chunk_size):
             lambda m, args, kwargs, i=i: rows_per_layer[i].append(kwargs["hidden_states"].shape[0]),
             with_kwargs=True,
         )
-    neuron_attributions(model, [make_batch()], steps=4, progress=False, chunk_size=chunk_size)
+    neuron_attributions(
+        model,
+        [make_batch()],
+        steps=4,
+        attribution="sequence",
+        progress=False,
+        chunk_size=chunk_size,
+    )
     if chunk_size is None:  # observed pass (2 rows), then one pass per layer (8 rows)
         assert rows_per_layer == {0: [2, 8], 1: [2, 8, 8], 2: [2, 8, 8, 8]}
     else:  # passes of layers {0, 1} (16 rows) and {2} (8 rows)
@@ -156,28 +296,16 @@ def test_layers_below_the_scaled_ones_are_replayed_not_run(chunk_size):
     assert not any("forward" in vars(layer) for layer in decoder_layers(model))
 
 
-def test_batches_without_answers_are_skipped():
+@pytest.mark.parametrize("attribution", ["per_token", "sequence"])
+def test_batches_without_answers_are_skipped(attribution):
     model = sharpened()
     batch = make_batch()
     silent = {**batch, "labels": torch.full_like(batch["labels"], -100)}
-    alone = neuron_attributions(model, [batch], steps=3, progress=False)
-    mixed = neuron_attributions(model, [silent, batch, silent], steps=3, progress=False)
+    kwargs = {"steps": 3, "attribution": attribution, "progress": False}
+    alone = neuron_attributions(model, [batch], **kwargs)
+    mixed = neuron_attributions(model, [silent, batch, silent], **kwargs)
     for layer in alone:
         torch.testing.assert_close(mixed[layer], alone[layer])
-
-
-@pytest.mark.parametrize("arch", GATED_MLP_ARCHITECTURES)
-def test_every_gated_architecture_matches_the_brute_force_loop(arch):
-    model = sharpened(arch)
-    batch = make_batch()
-    att = neuron_attributions(model, [batch], steps=3, progress=False)
-    assert sorted(att) == [0, 1, 2]
-    width = down_projection(decoder_layers(model)[0]).in_features
-    assert all(a.shape == (width,) and a.dtype == torch.float32 for a in att.values())
-    assert all(a.device.type == "cpu" for a in att.values())
-    expected = brute_force_ig(model, batch, 1, 3)
-    assert expected.abs().max() > 1e-3
-    torch.testing.assert_close(att[1], expected, rtol=1e-4, atol=1e-6)
 
 
 def test_thresholds_and_modes_on_a_hand_example():
@@ -271,3 +399,48 @@ def test_errors_name_the_fix(tmp_path):
         load_masks(tmp_path)
     with pytest.raises(ValueError, match="nothing to plot"):
         plot_mask_counts({}, tmp_path / "x.png")
+
+
+def test_a_mask_file_records_its_model_and_refuses_any_other(tmp_path):
+    model = tiny_causal_lm("llama")
+    masks = {i: torch.tensor([True] + [False] * 47) for i in range(3)}
+    settings = {"steps": 5, "threshold": 0.3, "attribution": "per_token"}
+    tensors, meta = save_masks(masks, tmp_path / "simu_masks", settings, model=model)
+    record = model_record(model)
+    assert record["num_layers"] == 3 and record["mlp_width"] == 48
+    assert len(record["fingerprint"]) == 16
+    # The record travels inside the tensor file and is mirrored in the JSON.
+    assert mask_record(tensors) == {**settings, "model": record}
+    assert json.loads(meta.read_text())["model"] == record
+    for loaded in (load_masks(tensors, model=model), load_masks(tmp_path, model=model)):
+        assert all(torch.equal(loaded[i], masks[i]) for i in masks)
+    # The same weights in bfloat16 have the same fingerprint (samples are rounded to bf16).
+    assert model_record(tiny_causal_lm("llama").to(torch.bfloat16)) == record
+
+    def refused(other, match, path=tensors):
+        with pytest.raises(ValueError, match=match) as info:
+            load_masks(path, model=other)
+        assert "\n" not in str(info.value) and "attribute" in str(info.value)
+
+    refused(tiny_causal_lm("llama", seed=1), "other weights")
+    refused(tiny_causal_lm("llama", num_hidden_layers=4), "3 decoder layers, this one has 4")
+    with pytest.raises(ValueError, match="MLP width 48, this model's is 64"):
+        load_masks(tensors, model=tiny_causal_lm("llama", intermediate_size=64))
+    # Extra / missing layers, a wrong width in one layer, no critical neuron at all.
+    for name, bad, match in (
+        ("extra", {**masks, 3: masks[0]}, r"layer\(s\) \[3\] this model lacks"),
+        ("missing", {0: masks[0], 1: masks[1]}, r"none for layer\(s\) \[2\]"),
+        ("narrow", {**masks, 1: masks[1][:40]}, r"layers \[1\] differ"),
+        (
+            "empty",
+            {i: torch.zeros(48, dtype=torch.bool) for i in range(3)},
+            "no neuron is critical",
+        ),
+    ):
+        path, _ = save_masks(bad, tmp_path / name, settings, model=model)
+        refused(model, match, path=path)
+    # A file that records no model (older files, hand-made ones) is refused for training.
+    bare, _ = save_masks(masks, tmp_path / "bare", settings)
+    refused(model, "does not record the model", path=bare)
+    with pytest.raises(ValueError, match="does not record"):
+        check_masks(masks, model, None, "masks")

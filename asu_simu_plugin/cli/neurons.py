@@ -1,7 +1,7 @@
 """`asu-simu neurons`: SIMU's critical neurons of a model on a QA set, for several thresholds.
 
     asu-simu neurons --model M --data forget.jsonl --thresholds 0.1,0.2,0.3,0.5 \
-        [--retain retain.jsonl --mode forget_only] [--steps 20] [--out DIR] [--save 0.3]
+        [--retain retain.jsonl --mode forget_only] [--steps 5] [--out DIR] [--save 0.3]
 
 Attribution runs once; each threshold only re-cuts it. Writes DIR/neurons.csv (critical neurons
 per layer for each t), DIR/neurons.png (count per layer, one line per t — the SIMU paper's
@@ -34,7 +34,7 @@ def add_arguments(parser) -> None:
         help="forget_only drops neurons also critical on --retain",
     )
     parser.add_argument(
-        "--steps", type=positive_int, default=20, help="integrated-gradients Riemann steps"
+        "--steps", type=positive_int, default=5, help="integrated-gradients Riemann steps"
     )
     parser.add_argument("--batch-size", type=positive_int, default=4, help="examples per batch")
     parser.add_argument(
@@ -164,9 +164,11 @@ def run(args) -> int:
                 "threshold": args.save,
                 "steps": args.steps,
                 "mode": args.mode,
-                "model": args.model,
+                "attribution": "per_token",
+                "model_path": args.model,
                 "data": args.data,
             },
+            model=model,  # recorded, so SIMU refuses the mask for any other model
         )
         print(f"mask for t={args.save} saved to {tensors} (SIMU: trainer.method_args.mask_path)")
     print(f"wrote {out / 'neurons.csv'} and {out / 'neurons.png'}")

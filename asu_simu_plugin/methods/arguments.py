@@ -300,11 +300,19 @@ class SIMUArguments(SOGradDiffArguments):
 
     MODES = ("dual", "forget_only")
 
-    steps: int = field(default=20, metadata=_help("integrated-gradients Riemann steps (>= 1)"))
+    ATTRIBUTIONS = ("per_token", "sequence")
+
+    steps: int = field(
+        default=5, metadata=_help("integrated-gradients Riemann steps (>= 1; the paper uses 5)")
+    )
     threshold: float = field(
         default=0.3, metadata=_help("critical iff attribution > threshold * layer max; (0, 1]")
     )
     mode: str = field(default="dual", metadata=_help("dual | forget_only (drop retain-critical)"))
+    attribution: str = field(
+        default="per_token",
+        metadata=_help("per_token (one sample per answer token, the paper) | sequence"),
+    )
     mask_path: str | None = field(
         default=None, metadata=_help("reuse a saved simu_masks.safetensors instead of attributing")
     )
@@ -320,6 +328,7 @@ class SIMUArguments(SOGradDiffArguments):
         check_integer("steps", self.steps, 1)
         check_number("threshold", self.threshold, maximum=1, above=0)
         check_choice("mode", self.mode, self.MODES)
+        check_choice("attribution", self.attribution, self.ATTRIBUTIONS)
         check_readable_file("mask_path", self.mask_path)
         check_integer("attribution_batch_size", self.attribution_batch_size, 1, optional=True)
         check_integer("attribution_max_batches", self.attribution_max_batches, 1, optional=True)

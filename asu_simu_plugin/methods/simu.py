@@ -43,18 +43,25 @@ class SIMUMixin(SophiaMixin):
     """Neuron-masked Sophia GradDiff.
 
     Method arguments (besides the Sophia and GradDiff ones): `steps` (integrated-gradients
-    Riemann steps, 20), `threshold` (t: critical iff attribution > t · layer max, 0.3), `mode`
-    ("dual": keep neurons also critical on the retain set; "forget_only": drop them),
-    `mask_path` (reuse a saved `simu_masks.safetensors` instead of attributing),
+    Riemann steps, 5 as in the paper), `threshold` (t: critical iff attribution > t · layer max,
+    0.3), `mode` ("dual": keep neurons also critical on the retain set; "forget_only": drop
+    them), `attribution` ("per_token": one sample per answer token, the paper's definition;
+    "sequence": the whole sequence scaled at once, see `asu_simu_plugin.neurons`), `mask_path`
+    (reuse a saved `simu_masks.safetensors` made for this model instead of attributing),
     `attribution_batch_size` (default: the training batch size), `attribution_max_batches`.
+
+    With several processes (DDP, DeepSpeed) each rank attributes every world_size-th batch and
+    the scores are summed over ranks, so every rank derives the same masks; under ZeRO-3 the
+    attribution runs with the parameters gathered.
     """
 
     def __init__(
         self,
         *args,
-        steps: int = 20,
+        steps: int = 5,
         threshold: float = 0.3,
         mode: str = "dual",
+        attribution: str = "per_token",
         mask_path=None,
         attribution_batch_size=None,
         attribution_max_batches=None,
@@ -66,6 +73,10 @@ class SIMUMixin(SophiaMixin):
             raise ValueError(f"threshold must be in (0, 1] (got {threshold})")
         if int(steps) < 1:
             raise ValueError(f"steps must be >= 1 (got {steps})")
+        if attribution not in neurons.ATTRIBUTIONS:
+            raise ValueError(
+                f"attribution={attribution!r}; use one of {', '.join(neurons.ATTRIBUTIONS)}"
+            )
         super().__init__(*args, **kwargs)
         if is_lora_model(self.model):
             raise ValueError(
@@ -75,6 +86,7 @@ class SIMUMixin(SophiaMixin):
         self.simu_steps = int(steps)
         self.simu_threshold = float(threshold)
         self.simu_mode = mode
+        self.simu_attribution = attribution
         self.attribution_batch_size = (
             attribution_batch_size or self.args.per_device_train_batch_size
         )
@@ -87,60 +99,79 @@ class SIMUMixin(SophiaMixin):
     def uses_masks(self) -> bool:
         return True
 
-    def _attribution_batches(self, dataset):
+    def _attribution_spans(self, dataset) -> list[tuple[int, int]]:
+        """(start, stop) rows of every attribution batch, over all ranks."""
         if dataset is None or len(dataset) == 0:
             raise ValueError("the forget set is empty: SIMU has nothing to attribute")
         size = int(self.attribution_batch_size)
+        spans = [(i, min(i + size, len(dataset))) for i in range(0, len(dataset), size)]
+        if self.attribution_max_batches:
+            spans = spans[: int(self.attribution_max_batches)]
+        return spans
+
+    def _attribution_batches(self, dataset):
+        """This rank's share: every num_processes-th batch, starting at its index."""
         device = self.accelerator.device
-        count = 0
-        for start in range(0, len(dataset), size):
-            if self.attribution_max_batches and count >= int(self.attribution_max_batches):
-                break
-            items = [dataset[i] for i in range(start, min(start + size, len(dataset)))]
-            batch = self.data_collator(items)
+        share = self._attribution_spans(dataset)[
+            self.accelerator.process_index :: self.accelerator.num_processes
+        ]
+        for start, stop in share:
+            batch = self.data_collator([dataset[i] for i in range(start, stop)])
             yield {
                 k: v.to(device)
                 for k, v in batch.items()
                 if k in ("input_ids", "attention_mask", "labels")
             }
-            count += 1
 
     def _attribute(self, dataset) -> dict[int, torch.Tensor]:
-        return neurons.neuron_attributions(
-            unwrap_model(self.model), self._attribution_batches(dataset), steps=self.simu_steps
-        )
+        model = unwrap_model(self.model)
+        with neurons.full_parameters(model.parameters()):
+            return neurons.neuron_attributions(
+                model,
+                self._attribution_batches(dataset),
+                steps=self.simu_steps,
+                attribution=self.simu_attribution,
+                distributed=self.accelerator.num_processes > 1,
+                progress=self.accelerator.is_main_process,
+            )
 
     def _masks(self, mask_path) -> dict[int, torch.Tensor]:
+        """The critical-neuron masks (the same on every rank) and `self.mask_settings`, what
+        made them (saved beside the model)."""
+        model = unwrap_model(self.model)
         if mask_path:
-            return neurons.load_masks(mask_path)
-        masks = None
-        if self.accelerator.is_main_process:
-            forget = getattr(self.train_dataset, "forget", None)
-            retain = getattr(self.train_dataset, "retain", None)
-            forget_attr = self._attribute(forget)
-            retain_attr = self._attribute(retain) if self.simu_mode == "forget_only" else None
-            masks = neurons.critical_neuron_masks(
-                forget_attr,
-                self.simu_threshold,
-                retain_attributions=retain_attr,
-                mode=self.simu_mode,
-            )
-        return self._broadcast_masks(masks)
-
-    def _broadcast_masks(self, masks):
-        """Every rank trains with rank 0's masks (attribution runs once, on the main process)."""
-        if self.accelerator.num_processes == 1:
+            masks = neurons.load_masks(mask_path, model=model)
+            made = neurons.mask_record(mask_path) or {}
+            made.pop("model", None)
+            self.mask_settings = {**made, "mask_path": str(mask_path)}
             return masks
-        from accelerate.utils import broadcast
+        forget = getattr(self.train_dataset, "forget", None)
+        retain = getattr(self.train_dataset, "retain", None)
+        dual = self.simu_mode != "forget_only"
+        forget_attr = self._attribute(forget)
+        retain_attr = None if dual else self._attribute(retain)
+        masks = neurons.critical_neuron_masks(
+            forget_attr, self.simu_threshold, retain_attributions=retain_attr, mode=self.simu_mode
+        )
+        neurons.require_critical_neurons(
+            masks, f"SIMU attribution (threshold {self.simu_threshold}, mode {self.simu_mode})"
+        )
 
-        layers = decoder_layers(self.model)
-        result = {}
-        for layer_id, layer in enumerate(layers):
-            width = down_projection(layer).in_features
-            local = masks[layer_id] if masks is not None else torch.zeros(width, dtype=torch.bool)
-            tensor = local.to(self.accelerator.device, torch.uint8)
-            result[layer_id] = broadcast(tensor, from_process=0).bool().cpu()
-        return result
+        def rows(dataset):
+            return sum(stop - start for start, stop in self._attribution_spans(dataset))
+
+        self.mask_settings = {
+            "steps": self.simu_steps,
+            "threshold": self.simu_threshold,
+            "mode": self.simu_mode,
+            "attribution": self.simu_attribution,
+            "forget_rows": rows(forget),
+            "retain_rows": None if dual else rows(retain),
+            "attribution_batch_size": int(self.attribution_batch_size),
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "processes": self.accelerator.num_processes,
+        }
+        return masks
 
     def _select_trainable_parameters(self) -> dict[str, torch.Tensor]:
         """Freeze everything but attention projections and critical down_proj columns."""
@@ -166,13 +197,10 @@ class SIMUMixin(SophiaMixin):
         return self._down_proj_masks
 
     def _save_masks(self, output_dir: Path) -> None:
+        # Every rank takes part in the fingerprint (a collective gather under ZeRO-3).
+        metadata = {**self.mask_settings, "model": neurons.model_record(self.model)}
         if not self.accelerator.is_main_process:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
-        metadata = {
-            "threshold": self.simu_threshold,
-            "steps": self.simu_steps,
-            "mode": self.simu_mode,
-        }
         neurons.save_masks(self.neuron_masks, output_dir / MASK_FILE, metadata)
         neurons.plot_mask_counts(self.neuron_masks, output_dir / f"{MASK_FILE}.png")
