@@ -1,7 +1,8 @@
 """How the attention temperature τ changes a model: the diagnostic for choosing ASU's τ.
 
-    asu-simu tau-sweep --model PATH --data qa.jsonl --taus 1,1.5,2,2.3,2.5,3,4,6 \
-        [--layers 0,1,2] [--system-prompt TEXT] [--out DIR] [--max-examples N]
+Used by `asu-simu tau-sweep` (`cli/tau_sweep.py`) and, jointly over τ and layer blocks, by the
+ASU trainer's `temperature: auto` / `layers: auto` (`auto_temperature`, rule in
+`choose_temperature`) and its collapse guard (`collapse_check`), all at the end of this module.
 
 For each τ the model runs with `attention_temperature(model, τ, layers)` on question/answer pairs
 (teacher forcing, the answer tokens scored) and we measure:
@@ -34,7 +35,6 @@ within the budget is proposed, with that reason; if every τ > 1 breaks the budg
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import json
@@ -298,85 +298,6 @@ def format_table(results) -> str:
             f"{r['attention_entropy']:>13.3f}"
         )
     return "\n".join(lines)
-
-
-def _number_list(text: str, name: str, convert):
-    try:
-        return [convert(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ValueError(
-            f"--{name} must be comma-separated {convert.__name__}s, e.g. "
-            f"{'1,2,2.3,3' if convert is float else '0,1,2'} (got {text!r})"
-        ) from None
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="local model directory (or hub id)")
-    parser.add_argument("--data", required=True, help="question/answer JSON lines")
-    parser.add_argument(
-        "--taus", default="1,1.5,2,2.3,2.5,3,4,6", help="comma-separated; 1 is always added"
-    )
-    parser.add_argument("--layers", default=None, help="0-based layer ids, e.g. 0,1,2 (all)")
-    parser.add_argument("--system-prompt", default=None)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--max-examples", type=int, default=None, help="use the first N only")
-    parser.add_argument("--question-key", default="question")
-    parser.add_argument("--answer-key", default="answer")
-    parser.add_argument(
-        "--content-rise", type=float, default=1.0, help="nats the facts must lose (rule)"
-    )
-    parser.add_argument(
-        "--function-budget", type=float, default=0.5, help="nats fluency may lose (rule)"
-    )
-    parser.add_argument("--out", default="tau_sweep", help="folder for tau_sweep.csv/.png")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def run(args) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from asu_simu_plugin.data import load_qa_jsonl
-
-    taus = _number_list(args.taus, "taus", float)
-    if not taus or any(not math.isfinite(t) or t <= 0 for t in taus):
-        raise ValueError(f"--taus must be finite numbers > 0 (got {args.taus!r})")
-    if not any(math.isclose(t, 1.0) for t in taus):
-        taus.append(1.0)  # the baseline the recommendation compares against
-    taus = sorted(set(taus))
-    layers = _number_list(args.layers, "layers", int) if args.layers else None
-    if args.max_examples is not None and args.max_examples < 1:
-        raise ValueError(f"--max-examples must be >= 1 (got {args.max_examples})")
-    rows = load_qa_jsonl(args.data, args.question_key, args.answer_key)[: args.max_examples]
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, attn_implementation="eager")
-    results = tau_sweep(
-        model,
-        tokenizer,
-        rows,
-        taus,
-        layers,
-        args.system_prompt,
-        args.batch_size,
-        progress=not args.quiet,
-        max_length=args.max_length,
-    )
-    tau, reason = recommend_tau(results, args.content_rise, args.function_budget)
-    out = Path(args.out)
-    write_sweep_csv(results, out / "tau_sweep.csv")
-    plot_sweep(results, out / "tau_sweep.png", tau)
-    print(format_table(results))
-    print(f"recommended tau: {tau if tau is not None else 'none'} ({reason})")
-    print(f"wrote {out / 'tau_sweep.csv'} and {out / 'tau_sweep.png'}")
-    return 0
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="asu-simu tau-sweep", description=__doc__.split("\n", 1)[0]
-    )
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
 
 
 # -- temperature: auto / layers: auto, and the collapse guard -------------------------------------
