@@ -57,7 +57,7 @@ from asu_simu_plugin.arch import (
 
 SUPPORTED = (
     "decoder-only models whose attention modules carry their own `scaling` (transformers >= "
-    f"4.48: Llama, Mistral, Qwen2/3, Gemma 1-3, Phi-3, OLMo-2, Granite, Cohere, StarCoder2, "
+    "4.48: Llama, Mistral, Qwen2/3, Gemma 1-3, Phi-3, OLMo-2, Granite, Cohere, StarCoder2, "
     f"GPT-NeoX, GPT-2, ...), and otherwise those with a query at {QUERY_SITES}"
 )
 _SOFTCAP = "attn_logit_softcapping"
