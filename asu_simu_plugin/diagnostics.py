@@ -119,6 +119,9 @@ def greedy_continuations(model, items, end_ids, max_new_tokens: int = 8) -> list
             do_sample=False,
             eos_token_id=list(end_ids) or None,
             pad_token_id=(list(end_ids) or [0])[0],
+            # callers may run this on one rank only: under ZeRO-3 transformers would otherwise
+            # wait for the other ranks at every generated token (synced_gpus)
+            synced_gpus=False,
         )
         tokens = out[0, ids.shape[1] :].tolist()
         for index, token in enumerate(tokens):

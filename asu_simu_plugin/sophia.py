@@ -66,6 +66,9 @@ class SophiaG(Optimizer):
     """
 
     # CPU parameters are updated in slices of about this many entries (see `_parts`).
+    # DeepSpeed ZeRO steps one flat partition group per step() call: the caller that knows
+    # where an optimizer step starts sets this and calls `reset_win_counts()` there.
+    accumulate_win_counts = False
     cpu_chunk_elements = 1 << 18
 
     def __init__(
@@ -258,7 +261,12 @@ class SophiaG(Optimizer):
                     counts[1] = active + counts[1]
                 if p.dtype in LOW_PRECISION_DTYPES:
                     self._written_version[p] = p._version
-        self._win_counts = win_counts or None
+        if self.accumulate_win_counts and self._win_counts:  # one step in several calls
+            for device, (unclipped, active) in win_counts.items():
+                counts = self._win_counts.setdefault(device, [0, 0])
+                counts[0], counts[1] = counts[0] + unclipped, counts[1] + active
+        else:
+            self._win_counts = win_counts or None
         return loss
 
     def win_rate(self) -> float | None:
@@ -267,11 +275,19 @@ class SophiaG(Optimizer):
         None before the first step or when the last step updated nothing. 0 means every
         coordinate took a full sign step of size lr (e.g. before the first Hessian estimate).
         """
+        counts = self.win_counts()
+        return counts[0] / counts[1] if counts and counts[1] else None
+
+    def reset_win_counts(self) -> None:
+        self._win_counts = None
+
+    def win_counts(self) -> tuple[float, float] | None:
+        """(unclipped, updated) coordinates of the last step; None before the first."""
         if not self._win_counts:
             return None
         unclipped = sum(float(counts[0]) for counts in self._win_counts.values())
         active = sum(float(counts[1]) for counts in self._win_counts.values())
-        return unclipped / active if active else None
+        return unclipped, active
 
     # -- checkpoints ---------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:

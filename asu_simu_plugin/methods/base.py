@@ -147,9 +147,13 @@ class UnlearnMethodMixin:
 
     def log(self, logs, *args, **kwargs):
         if "loss" in logs:  # training log lines only, not eval
-            for name, values in self._loss_components.items():
-                if values:
-                    logs[name] = sum(values) / len(values)
+            names = sorted(n for n, values in self._loss_components.items() if values)
+            means = [sum(self._loss_components[n]) / len(self._loss_components[n]) for n in names]
+            if names and self.accelerator.num_processes > 1:
+                # every rank logs; the components, like `loss`, are means over the ranks
+                local = torch.tensor(means, dtype=torch.float64, device=self.accelerator.device)
+                means = self.accelerator.reduce(local, reduction="mean").tolist()
+            logs.update(zip(names, means, strict=True))
             self._loss_components.clear()
         return super().log(logs, *args, **kwargs)
 

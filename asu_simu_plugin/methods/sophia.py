@@ -38,6 +38,12 @@ class _AfterOptimizerStep(TrainerCallback):
     def __init__(self, trainer):
         self.trainer = trainer
 
+    def on_step_begin(self, args, state, control, **kwargs):
+        if zero.zero_stage(self.trainer) and self.trainer.optimizer is not None:
+            optimizer = self.trainer.optimizer_for_hessian()
+            optimizer.accumulate_win_counts = True  # DeepSpeed steps group by group
+            optimizer.reset_win_counts()
+
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer.after_optimizer_step()
 
@@ -78,7 +84,7 @@ class SophiaMixin:
         self.soul_compat = bool(soul_compat)
         self.sophia_bs = sophia_bs
         self._hessian_updates = 0
-        self._last_inputs = None
+        self._step_inputs = []
         self._zero_masks_installed = False
         self.add_callback(_AfterOptimizerStep(self))
         if zero.zero_stage(self) and zero.offloads_optimizer(self):
@@ -189,28 +195,29 @@ class SophiaMixin:
             if masks:
                 zero.install_masks(self, unwrap_model(self.model), masks)
             self._zero_masks_installed = True
-        self._last_inputs = inputs  # the step's last micro-batch feeds the Hessian pass
+        if self.hessian_mode == "gnb":  # the step's micro-batches feed the Hessian pass
+            self._step_inputs.append(inputs)
         return super().training_step(model, inputs, *args, **kwargs)
 
     def after_optimizer_step(self) -> None:
         """Sophia-G's loop: every `hessian_interval` steps, right after the optimizer step, a
-        sampled-label pass on that step's (last) batch refreshes the Hessian."""
+        sampled-label pass on that step's batch (all its micro-batches) refreshes the Hessian."""
         step = self.state.global_step  # already counts the step just taken
-        if self.hessian_mode == "gnb" and step % self.hessian_interval == 0:
-            self.gauss_newton_bartlett_update(self.model_wrapped, self._last_inputs)
+        micro_batches, self._step_inputs = self._step_inputs, []
+        if self.hessian_mode == "gnb" and step % self.hessian_interval == 0 and micro_batches:
+            self.gauss_newton_bartlett_update(self.model_wrapped, micro_batches)
 
-    def _sampled_label_loss(self, model, batch: dict) -> tuple[torch.Tensor, int]:
+    def _sampled_label_loss(self, model, batch: dict) -> torch.Tensor:
         """Summed CE of labels drawn from the model's own softmax at the answer positions."""
         inputs = model_inputs(batch, with_labels=False)
         logits = model(**inputs).logits[:, :-1]
         positions = batch["labels"][:, 1:] != IGNORE_INDEX
         if not bool(positions.any()):
-            return logits.sum() * 0.0, 0
+            return logits.sum() * 0.0  # still a backward, so that every rank reduces
         chosen = logits[positions].float()
         with torch.no_grad():
             sampled = self.sample_labels(chosen)
-        loss = torch.nn.functional.cross_entropy(chosen, sampled, reduction="sum")
-        return loss, int(positions.sum())
+        return torch.nn.functional.cross_entropy(chosen, sampled, reduction="sum")
 
     @staticmethod
     def sample_labels(logits: torch.Tensor) -> torch.Tensor:
@@ -221,51 +228,53 @@ class SophiaMixin:
         """Fold ĥ = B·ĝ² into the Hessian EMA, ĝ the gradient of the sampled-label mean CE over
         the B answer tokens of the batch on every rank (gradients held before are kept).
 
-        W processes estimate what one process would on the same global batch: DDP and DeepSpeed
-        average gradients over ranks, so each rank's summed CE is divided by B / W. Under DDP
-        the backward is always all-reduced (also inside accumulation's `no_sync`); under ZeRO
-        it goes through DeepSpeed's engine and the reduced gradient is read back partitioned.
+        `inputs`: a batch, or the list of an optimizer step's micro-batches. W processes
+        estimate what one process would on the same global batch: DDP and DeepSpeed average
+        gradients over ranks, so each rank's summed CE is divided by B / W. Under DDP every
+        backward is all-reduced (also inside accumulation's `no_sync`); under ZeRO it goes
+        through DeepSpeed's engine and the reduced gradient is read back partitioned.
         """
-        batches = [inputs[k] for k in ("forget", "retain") if k in inputs] or [inputs]
+        micro_batches = inputs if isinstance(inputs, list) else [inputs]
+        parts = [
+            part
+            for batch in micro_batches
+            for part in ([batch[k] for k in ("forget", "retain") if k in batch] or [batch])
+        ]
         world = self.accelerator.num_processes
-        deepspeed = zero.zero_stage(self) > 0
-        if deepspeed:
-            self._gnb_backward_deepspeed(model, batches, world)
-            self._hessian_updates += 1
-            return
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        stashed = [None if p.grad is None else p.grad.clone() for p in params]
-        for p in params:
-            p.grad = None
-        sync = getattr(model, "require_backward_grad_sync", None)
-        if sync is False:
-            model.require_backward_grad_sync = True
-        try:
-            total, tokens = self._sampled_label_total(model, batches, world)
-            # A plain backward: accelerate's would divide by the accumulation steps.
-            (total * (world / tokens)).backward()
-        finally:
+        tokens = self._answer_tokens(parts)
+        scale = world / tokens
+        if zero.zero_stage(self):
+            self._gnb_backward_deepspeed(parts, scale, tokens)
+        else:
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            stashed = [None if p.grad is None else p.grad.clone() for p in params]
+            for p in params:
+                p.grad = None
+            sync = getattr(model, "require_backward_grad_sync", None)
             if sync is False:
-                model.require_backward_grad_sync = sync
-        if self.args.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm)
-        self._fold_hessian(tokens)
-        for p, grad in zip(params, stashed, strict=True):
-            p.grad = grad
+                model.require_backward_grad_sync = True
+            try:
+                for part in parts:  # plain backward: accelerate's would divide by accumulation
+                    (self._sampled_label_loss(model, part) * scale).backward()
+            finally:
+                if sync is False:
+                    model.require_backward_grad_sync = sync
+            if self.args.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm)
+            self._fold_hessian(tokens)
+            for p, grad in zip(params, stashed, strict=True):
+                p.grad = grad
         self._hessian_updates += 1
 
-    def _sampled_label_total(self, model, batches, world) -> tuple[torch.Tensor, int]:
-        total, tokens = None, 0
-        for batch in batches:
-            loss, count = self._sampled_label_loss(model, batch)
-            total = loss if total is None else total + loss
-            tokens += count
-        if world > 1:
+    def _answer_tokens(self, parts) -> int:
+        """B: the answer tokens (label positions) of the batch, summed over the ranks."""
+        tokens = sum(int((part["labels"][:, 1:] != IGNORE_INDEX).sum()) for part in parts)
+        if self.accelerator.num_processes > 1:
             count = torch.tensor(float(tokens), device=self.accelerator.device)
             tokens = int(self.accelerator.reduce(count, reduction="sum").item())
         if tokens == 0:
             raise ValueError("the Hessian batch has no answer tokens (all labels are -100)")
-        return total, tokens
+        return tokens
 
     def _fold_hessian(self, tokens: int) -> None:
         optimizer = self.optimizer_for_hessian()
@@ -275,16 +284,18 @@ class SophiaMixin:
             optimizer.update_hessian(bs=tokens)
         self.hessian_tokens = tokens
 
-    def _gnb_backward_deepspeed(self, engine, batches, world) -> None:
+    def _gnb_backward_deepspeed(self, parts, scale: float, tokens: int) -> None:
         """The pass through DeepSpeed's engine, right after its step (its gradients are clear):
-        one reduced backward, the gradient read back in the optimizer's flat partitions,
-        clipped by its global norm, folded in, and DeepSpeed's gradients cleared again."""
+        the backwards accumulate like micro-steps and the last one reduces; the gradient is read
+        back in the optimizer's flat partitions, clipped by its global norm and folded in, and
+        DeepSpeed's gradients are cleared again."""
         engine = zero.engine_of(self)
-        total, tokens = self._sampled_label_total(engine, batches, world)
         boundary = getattr(engine, "_is_gradient_accumulation_boundary", None)
-        engine.set_gradient_accumulation_boundary(True)  # reduce now, whatever the micro-step
         try:
-            engine.backward(total * (world / tokens), scale_wrt_gas=False)
+            for index, part in enumerate(parts):
+                engine.set_gradient_accumulation_boundary(index == len(parts) - 1)
+                loss = self._sampled_label_loss(engine, part) * scale
+                engine.backward(loss, scale_wrt_gas=False)
         finally:
             engine.set_gradient_accumulation_boundary(boundary)
         grads = zero.hessian_gradients(self, unwrap_model(self.model))
@@ -294,10 +305,10 @@ class SophiaMixin:
             squares = sum((g.float() ** 2).sum() for g in grads.values())
             squares = torch.as_tensor(squares, device=self.accelerator.device, dtype=torch.float32)
             torch.distributed.all_reduce(squares)
-            scale = self.args.max_grad_norm / (float(squares.sqrt()) + 1e-6)
-            if scale < 1:
+            clip = self.args.max_grad_norm / (float(squares.sqrt()) + 1e-6)
+            if clip < 1:
                 for g in grads.values():
-                    g.mul_(scale)
+                    g.mul_(clip)
         for flat in flats:
             flat.grad = grads.get(id(flat))
         try:
@@ -314,8 +325,11 @@ class SophiaMixin:
     # -- logging -------------------------------------------------------------------------------
     def log(self, logs, *args, **kwargs):
         if "loss" in logs and self.optimizer is not None:
-            win_rate = self.optimizer_for_hessian().win_rate()
-            if win_rate is not None:
-                logs["sophia/win_rate"] = win_rate
+            counts = self.optimizer_for_hessian().win_counts()
+            if zero.zero_stage(self):  # each rank counted its own partitions
+                local = torch.tensor(counts or (0.0, 0.0), device=self.accelerator.device)
+                counts = self.accelerator.reduce(local, reduction="sum").tolist()
+            if counts and counts[1]:
+                logs["sophia/win_rate"] = counts[0] / counts[1]
             logs["sophia/hessian_updates"] = self._hessian_updates
         return super().log(logs, *args, **kwargs)

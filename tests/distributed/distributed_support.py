@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -58,3 +60,68 @@ def run(command, out: Path, processes: int, timeout: int, env=None) -> list[dict
 
 def final_tensors(out: Path) -> dict:
     return load_file(out / "final.safetensors")
+
+
+ACCELERATE_CONFIGS = {stage: HERE / f"zero{stage}.yaml" for stage in (2, 3)}
+
+
+@functools.cache
+def deepspeed_python() -> str | None:
+    """A Python that can import deepspeed (and this package): ASU_SIMU_DEEPSPEED_PY, HARNESS_PY
+    (the harness's requirements include deepspeed), or this one."""
+    candidates = [os.environ.get("ASU_SIMU_DEEPSPEED_PY"), os.environ.get("HARNESS_PY")]
+    for python in [c for c in candidates if c] + [sys.executable]:
+        probe = [python, "-c", "import deepspeed, asu_simu_plugin"]
+        if subprocess.run(probe, capture_output=True, env=quiet_env()).returncode == 0:
+            return python
+    return None
+
+
+def require_deepspeed() -> str:
+    import pytest
+
+    python = deepspeed_python()
+    if python is None:
+        pytest.skip(
+            "DeepSpeed tier: no Python with deepspeed and asu_simu_plugin (set "
+            "ASU_SIMU_DEEPSPEED_PY or HARNESS_PY; `pip install asu-simu-plugin[deepspeed]`)"
+        )
+    return python
+
+
+def accelerate_config(stage: int, dest: Path) -> Path:
+    """tests/distributed/zero<stage>.yaml with its DeepSpeed JSON path made absolute."""
+    text = ACCELERATE_CONFIGS[stage].read_text()
+    text = text.replace(f"tests/distributed/zero{stage}.json", str(HERE / f"zero{stage}.json"))
+    config = dest / f"zero{stage}.yaml"
+    config.write_text(text)
+    return config
+
+
+def deepspeed_launch(out: Path, spec: dict, stage: int, timeout: int = 900) -> list[dict]:
+    """The spec in 2 processes under accelerate + DeepSpeed ZeRO-<stage> (gloo on CPU)."""
+    python = require_deepspeed()
+    out.mkdir(parents=True, exist_ok=True)
+    command = [
+        python,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(accelerate_config(stage, out)),
+        "--main_process_port",
+        str(free_port()),
+        str(SCRIPT),
+        str(out),
+        json.dumps(spec),
+    ]
+    return run(command, out, 2, timeout)
+
+
+def single_process(out: Path, spec: dict, python: str | None = None, timeout: int = 900):
+    command = [python or sys.executable, str(SCRIPT), str(out), json.dumps(spec)]
+    out.mkdir(parents=True, exist_ok=True)
+    return run(command, out, 1, timeout)
+
+
+def numactl_available() -> bool:
+    return shutil.which("numactl") is not None

@@ -66,8 +66,9 @@ def main(out: str, spec: dict) -> None:
     tokenizer = toy.build_tokenizer(toy.corpus_texts(authors), vocab_size=600)
     torch.manual_seed(0)
     model = LlamaForCausalLM(toy.tiny_llama_config(len(tokenizer)))
-    forget = authors[0].qa_pairs()
-    retain = [qa for a in authors[1:] for qa in a.qa_pairs()]
+    split = spec.get("forget_authors", 1)  # 5 QA pairs each
+    forget = [qa for a in authors[:split] for qa in a.qa_pairs()]
+    retain = [qa for a in authors[split:] for qa in a.qa_pairs()]
     known = {f.name for f in dataclasses.fields(RunSettings)}
     given = {"logging_steps": 1, **spec["settings"]}
     extra = {**given.pop("extra", {}), **{k: given.pop(k) for k in list(given) if k not in known}}
