@@ -425,15 +425,25 @@ class _AnswerQueries:
             )
         try:
             with torch.enable_grad():
+                valid = _repeat_rows(self.valid, copies)
+                head = self.model.get_output_embeddings()
+                if head is not None:
+                    # The output layer sees the real queries only ([1, N, d]): padding slots
+                    # would cost a vocabulary-wide projection each.
+                    handles.append(
+                        head.register_forward_pre_hook(
+                            lambda _m, args: (args[0][valid].unsqueeze(0), *args[1:])
+                        )
+                    )
                 logits = self.model(
                     input_ids=_repeat_rows(self.tokens, copies),
                     position_ids=_repeat_rows(self.positions, copies),
                     attention_mask=_repeat_rows(self.mask, copies),
                     **cache_argument(self.model, cache),
                 ).logits
-                log_probs = logits.to(_wide(logits.dtype)).log_softmax(dim=-1)
-                picked = log_probs.gather(-1, _repeat_rows(self.targets, copies).unsqueeze(-1))
-                total = picked.squeeze(-1)[_repeat_rows(self.valid, copies)].sum()
+                logits = logits[0] if head is not None else logits[valid]
+                targets = _repeat_rows(self.targets, copies)[valid]
+                total = -F.cross_entropy(logits.to(_wide(logits.dtype)), targets, reduction="sum")
                 grads = torch.autograd.grad(total, list(leaves.values()))
         finally:
             for handle in handles:

@@ -444,3 +444,58 @@ def test_a_mask_file_records_its_model_and_refuses_any_other(tmp_path):
     refused(model, "does not record the model", path=bare)
     with pytest.raises(ValueError, match="does not record"):
         check_masks(masks, model, None, "masks")
+
+
+def _attribute_share(rank, world, port, out, cases):
+    """One rank of the 2-process test: its share of each case's batches, scores summed."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        model = sharpened()
+        passes = []
+        model.register_forward_pre_hook(lambda *_: passes.append(1))
+        result = []
+        for batches in cases:
+            passes.clear()
+            share = batches[rank::world]
+            att = neuron_attributions(model, share, steps=3, progress=False, distributed=True)
+            result.append({"att": att, "observed_passes": len(passes)})
+        torch.save(result, out / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_each_attribute_their_share_and_get_the_whole_sum(tmp_path):
+    """2 gloo processes: rank r attributes batches r, r+2, … only (with 1 batch, rank 1 has
+    none), the all-reduced scores equal one process's attribution of every batch, and so do
+    the masks."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cases = [[make_batch(seed=s, left_pad=s % 2 == 1) for s in range(3)], [make_batch(seed=5)]]
+    mp.spawn(_attribute_share, args=(2, port, tmp_path, cases), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    model = sharpened()
+    for case, batches in enumerate(cases):
+        single = neuron_attributions(model, batches, steps=3, progress=False)
+        # One observed pass plus one pass per layer (3) for each batch of the rank's share.
+        passes = [ranks[r][case]["observed_passes"] for r in range(2)]
+        assert passes == [4 * len(batches[r::2]) for r in range(2)]
+        for rank in ranks:
+            att = rank[case]["att"]
+            assert att.keys() == single.keys()
+            for layer in single:
+                torch.testing.assert_close(att[layer], single[layer], rtol=1e-6, atol=1e-8)
+            for t in (0.1, 0.3, 0.5):
+                expected = critical_neuron_masks(single, t)
+                assert all(
+                    torch.equal(m, expected[i]) for i, m in critical_neuron_masks(att, t).items()
+                )

@@ -3,7 +3,7 @@ paper's definition) against whole-sequence integrated gradients (m = 4, the prev
 as benchmarked), on the same model and forget rows, in one process.
 
     python benchmarks/perf/attribution.py [--model DIR] [--data FOLDER] [--rows 16]
-        [--batch-size 8] [--repeats 3] [--threads N]
+        [--batch-size 8] [--repeats 3] [--layers 0,15,29] [--threads N]
 
 The variants alternate within each repeat (and swap order between repeats) so machine noise
 hits both alike; the script prints every time, the medians and their ratio, and the mean
@@ -70,7 +70,7 @@ def forget_rows(data=None, rows=16):
     return [qa for author in toy.make_authors(24) for qa in author.qa_pairs()][:rows]
 
 
-def attribution_rows(model, tokenizer, rows, batch_size=8, repeats=3) -> dict:
+def attribution_rows(model, tokenizer, rows, batch_size=8, repeats=3, layers=None) -> dict:
     """Seconds of each variant per repeat (interleaved), medians, ratio, lengths."""
     dataset = QADataset(rows, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -87,6 +87,7 @@ def attribution_rows(model, tokenizer, rows, batch_size=8, repeats=3) -> dict:
                 batches(dataset, batch_size, pad),
                 steps=steps,
                 attribution=attribution,
+                layers=layers,
                 progress=False,
             )
             times[name].append(time.perf_counter() - started)
@@ -95,6 +96,7 @@ def attribution_rows(model, tokenizer, rows, batch_size=8, repeats=3) -> dict:
     return {
         "rows": len(rows),
         "batch_size": batch_size,
+        "layers": "all" if layers is None else list(layers),
         "mean_tokens": statistics.mean(lengths),
         "mean_answer_tokens": statistics.mean(answers),
         "times_s": times,
@@ -111,16 +113,24 @@ def main(argv=None):
     p.add_argument("--rows", type=int, default=16, help="forget rows attributed")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--layers",
+        default=None,
+        help="comma-separated decoder layers to attribute (default: all; a pass for layer l "
+        "runs layers >= l, so a spread such as 0,15,29 samples the cost)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer, name = load_model(args.model)
+    layers = [int(i) for i in args.layers.split(",")] if args.layers else None
     result = attribution_rows(
-        model, tokenizer, forget_rows(args.data, args.rows), args.batch_size, args.repeats
+        model, tokenizer, forget_rows(args.data, args.rows), args.batch_size, args.repeats, layers
     )
     print(
-        f"model: {name}; {result['rows']} forget rows, batch {result['batch_size']}, "
+        f"model: {name}; layers {result['layers']}; {result['rows']} forget rows, "
+        f"batch {result['batch_size']}, "
         f"{result['mean_tokens']:.1f} tokens / {result['mean_answer_tokens']:.1f} answer "
         f"tokens per row on average"
     )
