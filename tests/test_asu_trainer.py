@@ -549,3 +549,18 @@ def test_collapse_guard_is_quiet_on_a_speaking_teacher(world, tmp_path, recwarn)
     assert not [w for w in recwarn if "collapse guard" in str(w.message)]
     off = asu(world, tmp_path, temperature=2.3, collapse_guard=False)
     assert off.collapse_stats is None
+
+
+def test_teacher_eos_suppress_with_the_teacher_cache(world, tmp_path):
+    """Suppression applies to the teacher's output wherever it comes from (live or cached)."""
+    _, tokenizer, forget_rows, retain_rows = world
+    world = (silent_llama(tokenizer, eos_bias=5.0), tokenizer, forget_rows, retain_rows)
+    args = {"temperature": 3.0, "teacher_eos": "suppress", "collapse_guard": False}
+    live = asu(world, tmp_path / "live", **args)
+    cached = asu(
+        world, tmp_path / "cached", teacher_cache=True, teacher_cache_dtype="float32", **args
+    )
+    batch = live.data_collator([live.train_dataset[i] for i in range(3)])["forget"]
+    live_loss, _ = live.forget_objective(live.model, batch)
+    cached_loss, _ = cached.forget_objective(cached.model, batch)
+    assert cached_loss.item() == pytest.approx(live_loss.item(), rel=1e-5)
