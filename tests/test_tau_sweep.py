@@ -189,6 +189,25 @@ def test_cli_keys_layers_and_max_examples(
     assert [float(r["tau"]) for r in rows] == [1.0, 4.0]
 
 
+def test_cli_layers_auto_runs_the_joint_pass(
+    tmp_path, peaked_model, toy_tokenizer, toy_authors, capsys
+):
+    model_dir = tmp_path / "model"
+    peaked_model.save_pretrained(model_dir)
+    toy_tokenizer.save_pretrained(model_dir)
+    data = tmp_path / "qa.jsonl"
+    data.write_text("\n".join(json.dumps(qa) for qa in toy_authors[0].qa_pairs()))
+    out = tmp_path / "auto"
+    args = ["tau-sweep", "--model", str(model_dir), "--data", str(data), "--out", str(out)]
+    assert main([*args, "--taus", "1,2,4", "--layers", "auto", "--quiet"]) == 0
+    chosen = json.loads((out / "asu_temperature.json").read_text())
+    assert f"chosen: temperature {chosen['temperature']:g}" in capsys.readouterr().out
+    rows = list(csv.DictReader((out / "asu_tau_sweep.csv").open()))
+    # baseline + 2 taus x (all, thirds 0 | 1 | 2); quarters of 3 layers add no new block
+    assert len(rows) == 1 + 2 * 4 and sum(r["chosen"] == "True" for r in rows) == 1
+    assert main([*args, "--taus", "1", "--layers", "auto"]) == 2  # no tau > 1: usage error
+
+
 # -- temperature: auto / layers: auto, collapse guard ----------------------------------------------
 def forget_items(toy_tokenizer, toy_authors, n=2):
     rows = [qa for author in toy_authors[:n] for qa in author.qa_pairs()]

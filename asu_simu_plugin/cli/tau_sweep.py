@@ -8,6 +8,11 @@ Per τ: mean NLL of the content and of the function answer tokens, and the mean 
 NLL rose by at least --content-rise nats while the function-token NLL rose by at most
 --function-budget (the rule of `asu_simu_plugin.tau_sweep`); when no τ meets the rule, it says so
 and names the closest τ without recommending it.
+
+With `--layers auto` it runs the pass of ASU's `temperature: auto` / `layers: auto` instead: every
+τ > 1 of --taus on all layers and on consecutive blocks (thirds, quarters), chosen jointly by the
+rule of `asu_simu_plugin.tau_sweep.choose_temperature` (asu_tau_sweep.csv/.png and
+asu_temperature.json in --out).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from asu_simu_plugin.cli.checks import (
 from asu_simu_plugin.cli.neurons import check_out_folder
 
 RESULT_FILES = ("tau_sweep.csv", "tau_sweep.png")
+AUTO_FILES = ("asu_tau_sweep.csv", "asu_tau_sweep.png", "asu_temperature.json")
 
 
 def add_arguments(parser) -> None:
@@ -36,7 +42,12 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--taus", default="1,1.5,2,2.3,2.5,3,4,6", help="comma-separated, each > 0; 1 is added"
     )
-    parser.add_argument("--layers", default=None, help="0-based layer ids, e.g. 0,1,2 (all)")
+    parser.add_argument(
+        "--layers",
+        default=None,
+        help="0-based layer ids, e.g. 0,1,2 (all); auto: choose tau and a layer block jointly, "
+        "as ASU's temperature/layers auto (asu_tau_sweep.csv/.png, asu_temperature.json)",
+    )
     parser.add_argument("--system-prompt", default=None, help="system prompt of the chat template")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="examples per batch")
     parser.add_argument(
@@ -102,6 +113,8 @@ def run(args) -> int:
     )
 
     out = Path(args.out)
+    if args.layers == "auto":
+        return run_auto(args, out)
     with usage_checks():
         taus = number_list(args.taus, "--taus", float, _positive_tau)
         if not any(math.isclose(t, 1.0) for t in taus):
@@ -141,4 +154,38 @@ def run(args) -> int:
             f"{closest} Try other --taus or --layers, or relax --content-rise."
         )
     print(f"wrote {out / 'tau_sweep.csv'} and {out / 'tau_sweep.png'}")
+    return 0
+
+
+def run_auto(args, out: Path) -> int:
+    """`--layers auto`: the joint (tau, layer block) sweep and rule of ASU's `auto` settings."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from asu_simu_plugin.data import QADataset, load_qa_jsonl
+    from asu_simu_plugin.tau_sweep import AutoTemperatureConfig, auto_temperature
+
+    with usage_checks():
+        taus = number_list(args.taus, "--taus", float, _positive_tau)
+        taus = sorted({t for t in taus if t > 1.0})
+        if not taus:
+            raise ValueError("--taus: --layers auto needs values > 1, e.g. 1.5,2,2.3,3,4")
+        rows = load_qa_jsonl(args.data, args.question_key, args.answer_key)[: args.max_examples]
+        settings = AutoTemperatureConfig(
+            sample=len(rows),
+            taus=taus,
+            content_rise=args.content_rise,
+            function_budget=args.function_budget,
+            batch_size=args.batch_size,
+            progress=not args.quiet,
+        )
+        check_out_folder(out, AUTO_FILES, args.overwrite)
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model)
+    dataset = QADataset(rows, tokenizer, args.max_length, args.system_prompt)
+    tau, layers, record = auto_temperature(
+        model, dataset, tokenizer, "auto", "auto", settings, output_dir=out
+    )
+    shown = "all" if layers is None else record["layers_label"]
+    print(f"chosen: temperature {tau:g}, layers {shown} ({record['reason']})")
+    print(f"wrote {', '.join(str(out / name) for name in AUTO_FILES)}")
     return 0
