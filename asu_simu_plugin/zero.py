@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 from dataclasses import dataclass
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def zero_stage(trainer) -> int:
@@ -33,6 +36,25 @@ def offloads_optimizer(trainer) -> bool:
     config = trainer.accelerator.state.deepspeed_plugin.deepspeed_config
     offload = (config.get("zero_optimization") or {}).get("offload_optimizer") or {}
     return offload.get("device", "none") not in (None, "none")
+
+
+def honour_max_grad_norm(trainer) -> None:
+    """Make DeepSpeed clip at `max_grad_norm` when its config does not say.
+
+    transformers hands `max_grad_norm` to DeepSpeed only through `"gradient_clipping": "auto"`;
+    a config without the key (the harness's `zero_stage3_offload_config.json`) silently trains
+    unclipped. Called before DeepSpeed is initialised (at trainer construction).
+    """
+    if not getattr(trainer, "is_deepspeed_enabled", False) or not trainer.args.max_grad_norm:
+        return
+    config = trainer.accelerator.state.deepspeed_plugin.deepspeed_config
+    if "gradient_clipping" not in config:
+        config["gradient_clipping"] = float(trainer.args.max_grad_norm)
+        logger.warning(
+            "the DeepSpeed config has no gradient_clipping: clipping at max_grad_norm=%s as "
+            'without DeepSpeed (add "gradient_clipping": "auto" to the config to say so)',
+            trainer.args.max_grad_norm,
+        )
 
 
 def engine_of(trainer):
@@ -181,6 +203,20 @@ def hessian_gradients(trainer, model) -> dict[int, torch.Tensor]:
             flat_grad.dtype
         )
     return grads
+
+
+def discard_gradients(engine) -> None:
+    """Clear the gradients of a backward that no step consumes, as DeepSpeed's step does.
+
+    ZeRO-1/2 sum every reduced backward into `averaged_gradients` until its step() empties it
+    (its `zero_grad` leaves them); ZeRO-3's `zero_grad` restarts its accumulation itself.
+    """
+    optimizer = engine.optimizer
+    optimizer.zero_grad(set_to_none=True)
+    averaged = getattr(optimizer, "averaged_gradients", None)
+    if isinstance(averaged, dict):  # in place: DeepSpeed's parameter mappings hold this dict
+        for group in averaged:
+            averaged[group] = None
 
 
 def frozen_copy(trainer, model: torch.nn.Module) -> torch.nn.Module:

@@ -97,6 +97,10 @@ class UnlearnMethodMixin:
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._loss_components: dict[str, list[float]] = defaultdict(list)
+        if getattr(self, "is_deepspeed_enabled", False):
+            from asu_simu_plugin import zero
+
+            zero.honour_max_grad_norm(self)
 
     # -- the frozen original -------------------------------------------------------------------
     def original_model(self) -> torch.nn.Module:

@@ -87,6 +87,7 @@ class SophiaMixin:
         self._step_inputs = []
         self._zero_masks_installed = False
         self.add_callback(_AfterOptimizerStep(self))
+        zero.honour_max_grad_norm(self)
         if zero.zero_stage(self) and zero.offloads_optimizer(self):
             raise NotImplementedError(
                 "SophiaG runs as DeepSpeed's client optimizer on the accelerator; set "
@@ -299,7 +300,7 @@ class SophiaMixin:
         finally:
             engine.set_gradient_accumulation_boundary(boundary)
         grads = zero.hessian_gradients(self, unwrap_model(self.model))
-        engine.optimizer.zero_grad(set_to_none=True)
+        zero.discard_gradients(engine)
         flats = [p for group in zero.flat_partitions(self) for p in group]
         if self.args.max_grad_norm:
             squares = sum((g.float() ** 2).sum() for g in grads.values())

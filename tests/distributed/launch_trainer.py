@@ -66,6 +66,10 @@ def main(out: str, spec: dict) -> None:
     tokenizer = toy.build_tokenizer(toy.corpus_texts(authors), vocab_size=600)
     torch.manual_seed(0)
     model = LlamaForCausalLM(toy.tiny_llama_config(len(tokenizer)))
+    if spec.get("save") and int(os.environ.get("RANK", 0)) == 0:
+        os.makedirs(out, exist_ok=True)
+        initial = {n: p.detach().clone().contiguous() for n, p in model.named_parameters()}
+        save_file(initial, os.path.join(out, "initial.safetensors"))
     split = spec.get("forget_authors", 1)  # 5 QA pairs each
     forget = [qa for a in authors[:split] for qa in a.qa_pairs()]
     retain = [qa for a in authors[split:] for qa in a.qa_pairs()]
