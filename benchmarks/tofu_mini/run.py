@@ -105,9 +105,9 @@ def add_run_arguments(p, methods):
     p.add_argument(
         "--simu-ig-steps",
         type=int,
-        default=4,
-        help="SIMU's integrated-gradients steps (paper 20; each costs one forward/backward of\n"
-        "the forget set per decoder layer, see benchmarks/perf)",
+        default=5,
+        help="SIMU's integrated-gradients steps (the paper's m = 5; per-answer-token attribution\n"
+        "costs answer tokens x layers x steps single-token passes, see benchmarks/perf)",
     )
     p.add_argument("--methods", nargs="+", default=list(methods), choices=list(methods))
     p.add_argument("--lr", action="append", default=[], metavar="METHOD=VALUE")
