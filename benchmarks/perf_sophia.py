@@ -107,6 +107,7 @@ def gnb_overhead(steps, device):
             self.args = argparse.Namespace(max_grad_norm=1.0)
             self.accelerator = argparse.Namespace(num_processes=1)
             self.sophia_bs = None
+            self._fixed_bs = False
             self._hessian_updates = 0
 
     probe = Probe()
