@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from .distributed_support import torchrun
 
 pytestmark = pytest.mark.distributed
