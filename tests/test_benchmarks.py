@@ -56,6 +56,13 @@ def test_lr_scaling_and_unknown_method(tmp_path):
     )
     assert args.variants == {"ASU_t": ("ASU_GD", ["trainer.method_args.temperature=1.5", "a=b"])}
     assert args.runs[-1] == "ASU_t" and args.learning_rates["ASU_t"] == 1e-4
+    args = run.parse_args([*base, "--lr-grid", "SIMU=2e-4,5e-4", "--lr-grid", "SOGradDiff=1e-5"])
+    assert args.runs[-3:] == ["SIMU_lr0.0002", "SIMU_lr0.0005", "SOGradDiff_lr1e-05"]
+    assert args.variants["SIMU_lr0.0005"] == ("SIMU", [])
+    assert [args.learning_rates[n] for n in args.runs[-3:]] == [2e-4, 5e-4, 1e-5]
+    for bad in ("SIMU=", "SIMU=fast", "Nope=1e-4"):
+        with pytest.raises(SystemExit):
+            run.parse_args([*base, "--lr-grid", bad])
     with pytest.raises(SystemExit):
         run.parse_args([*base, "--variant", "X=Unknown:a=b"])
     with pytest.raises(SystemExit):

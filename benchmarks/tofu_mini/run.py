@@ -120,6 +120,14 @@ def add_run_arguments(p, methods):
         "ASU_GD_tau1.5=ASU_GD:trainer.method_args.temperature=1.5",
     )
     p.add_argument(
+        "--lr-grid",
+        action="append",
+        default=[],
+        metavar="METHOD=LR[,LR]",
+        help="extra rows: METHOD at each learning rate, named METHOD_lr<LR>, e.g.\n"
+        "SIMU=2e-4,5e-4 SOGradDiff=1e-5,5e-5 (compare methods where their forgetting matches)",
+    )
+    p.add_argument(
         "--max-steps",
         type=int,
         default=None,
@@ -156,6 +164,18 @@ def finish_run_arguments(p, args, methods):
             )
         args.variants[name] = (method, [o for o in overrides.split(",") if o])
         args.learning_rates.setdefault(name, args.learning_rates[method])
+    for item in args.lr_grid:
+        method, _, values = item.partition("=")
+        try:
+            rates = [float(v) for v in values.split(",") if v.strip()]
+        except ValueError:
+            rates = []
+        if method not in methods or not rates:
+            p.error(f"--lr-grid {item}: use METHOD=LR[,LR] with METHOD in {list(methods)}")
+        for rate in rates:
+            name = f"{method}_lr{rate:g}"
+            args.variants[name] = (method, [])
+            args.learning_rates[name] = rate
     args.runs = [*args.methods, *args.variants]
     if args.device == "auto":
         import torch
