@@ -48,7 +48,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, TrainerCallback
 
-from asu_simu_plugin import neurons, toy
+from asu_simu_plugin import lora, neurons, toy
 from asu_simu_plugin.data import PadCollator, QADataset, load_qa_jsonl
 from asu_simu_plugin.diagnostics import machine_info
 from asu_simu_plugin.runner import RunSettings, build_trainer
@@ -86,6 +86,11 @@ RUNS = {
     "SOGradDiff (gnb)": ("sograddiff", "SOGradDiff", {"hessian_mode": "gnb"}),
     "SONPO": ("sonpo", "SONPO", {}),
     "SIMU": ("simu", "SIMU", {}),
+    # the teacher-output cache: step 1 (untimed warm-up) fills it, later steps only read it
+    "ASU_GD + cache": ("asu", "ASU", {"retain_loss_type": "NLL", "teacher_cache": True}),
+    # `lora`: the run's model is wrapped in LoRA adapters (the LoRACausalLM defaults)
+    "GradDiff (NLL) + LoRA": ("graddiff", None, {"retain_loss_type": "NLL", "lora": True}),
+    "ASU_GD + LoRA": ("asu", "ASU", {"retain_loss_type": "NLL", "lora": True}),
 }
 COMPARISONS = [
     ("ASU_GD", "GradDiff (NLL)"),
@@ -94,6 +99,9 @@ COMPARISONS = [
     ("SOGradDiff (gnb)", "GradDiff (NLL)"),
     ("SONPO", "GradDiff (NLL)"),
     ("SIMU", "GradDiff (NLL)"),
+    ("ASU_GD + cache", "GradDiff (NLL)"),
+    ("GradDiff (NLL) + LoRA", "GradDiff (NLL)"),
+    ("ASU_GD + LoRA", "ASU_GD"),
 ]
 # 2-process rows (--distributed): name: (launcher, RUNS entry)
 DISTRIBUTED_RUNS = {
@@ -102,6 +110,10 @@ DISTRIBUTED_RUNS = {
     "GradDiff (NLL), ZeRO-2 ×2": ("zero2", "GradDiff (NLL)"),
     "SOGradDiff, ZeRO-2 ×2": ("zero2", "SOGradDiff"),
 }
+# --asu-temperature: every ASU row runs that tau on all layers instead of the shipped "auto",
+# without the collapse guard (the tau sweep and the guard's sampled answers at trainer start
+# dominate a short benchmark run; a step costs the same).
+ASU_FIXED: dict = {}
 ZERO2_CONFIG = Path(__file__).resolve().parents[2] / "tests" / "distributed" / "zero2.yaml"
 
 
@@ -117,6 +129,8 @@ def shipped_configuration(name: str) -> tuple[str, dict, dict]:
         method_args.update(config.get("method_args") or {})
         args.update({k: v for k, v in (config.get("args") or {}).items() if k in args})
     method_args = {k: v for k, v in {**method_args, **overrides}.items() if v is not None}
+    if method == "asu":
+        method_args.update(ASU_FIXED)
     return method, method_args, {k: float(v) for k, v in args.items()}
 
 
@@ -144,6 +158,11 @@ def parse_args(argv=None):
     p.add_argument("--forget-size", type=int, default=8, help="forget rows (SIMU pass and epoch)")
     p.add_argument("--simu-ig-steps", type=int, default=4, help="integrated-gradients steps")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
+    p.add_argument(
+        "--asu-temperature",
+        type=float,
+        help="ASU rows: this tau on all layers (default: the shipped config, tau sweep included)",
+    )
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "results")
     return p.parse_args(argv)
 
@@ -258,6 +277,7 @@ def time_run(name, model, initial_state, tokenizer, forget, retain, args, workdi
     and, for the GNB variant, the seconds of each Hessian pass."""
     method, method_args, _ = shipped_configuration(name)
     method_args = {**method_args, **(extra or {})}
+    use_lora = method_args.pop("lora", False)
     model.load_state_dict(initial_state)
     steps = run_steps(name, args)
     device = next(model.parameters()).device
@@ -265,7 +285,7 @@ def time_run(name, model, initial_state, tokenizer, forget, retain, args, workdi
     with PeakMemory(device) as memory:
         trainer = build_trainer(
             method,
-            model,
+            lora.add_lora(model) if use_lora else model,
             tokenizer,
             forget,
             retain,
@@ -276,6 +296,9 @@ def time_run(name, model, initial_state, tokenizer, forget, retain, args, workdi
         trainer.add_callback(timer)
         passes = time_hessian_passes(trainer, timer)
         trainer.train()
+    if use_lora:  # the adapters out again: the next run starts from the plain model
+        trainer.model.unload()
+        model.disable_input_require_grads()
     del trainer
     return {"steps": timer.times[args.warmup :], "passes": passes, "peak_mib": mib(memory)}
 
@@ -370,7 +393,8 @@ def simu_attribution(model, initial_state, tokenizer, forget, args, workdir):
         attributions = neurons.neuron_attributions(model, batches, steps=args.simu_ig_steps)
         seconds = time.perf_counter() - start
     mask_path = workdir / "simu_masks.safetensors"
-    neurons.save_masks(neurons.critical_neuron_masks(attributions, 0.3), mask_path)
+    masks = neurons.critical_neuron_masks(attributions, 0.3)
+    neurons.save_masks(masks, mask_path, model=model)  # the SIMU rows load them for this model
     print(f"SIMU attribution {seconds:8.1f} s ({args.simu_ig_steps} IG steps)")
     return {"seconds": seconds, "peak_mib": mib(memory)}, str(mask_path)
 
@@ -436,7 +460,7 @@ def distributed_rows(args, workdir) -> dict:
                 "-m",
                 "accelerate.commands.launch",
                 "--config_file",
-                str(ZERO2_CONFIG),
+                str(_absolute_config(ZERO2_CONFIG, workdir)),
                 "--main_process_port",
                 port,
                 *script,
@@ -468,6 +492,18 @@ def _worker_argv(args) -> list[str]:
     return argv
 
 
+def _absolute_config(config: Path, workdir: Path) -> Path:
+    """The accelerate config with its DeepSpeed JSON path made absolute (it is relative to the
+    repository root)."""
+    json_name = config.with_suffix(".json").name
+    text = config.read_text().replace(
+        f"tests/distributed/{json_name}", str(config.parent / json_name)
+    )
+    copy = workdir / config.name
+    copy.write_text(text)
+    return copy
+
+
 def _free_port() -> int:
     import socket
 
@@ -496,7 +532,13 @@ def worker(spec: dict) -> None:
             Path(tmp),
             method_args,
             settings_for(
-                name, args, steps, ddp_backend="gloo" if not torch.cuda.is_available() else None
+                name,
+                args,
+                steps,
+                ddp_backend="gloo" if not torch.cuda.is_available() else None,
+                # True would make transformers skip DeepSpeed (which finds the CPU itself)
+                use_cpu=not torch.cuda.is_available()
+                and os.environ.get("ACCELERATE_USE_DEEPSPEED") != "true",
             ),
         )
         trainer.add_callback(timer)
@@ -554,6 +596,18 @@ def markdown(result):
             f"{b['peak_mib']:.0f} MiB) | **{a['step_seconds'] / b['step_seconds']:.2f}×** | "
             f"{a['peak_mib'] / b['peak_mib']:.2f}× |"
         )
+    with_lora, full = steps.get("ASU_GD + LoRA"), steps.get("ASU_GD")
+    if with_lora and full:
+        weights = s["parameters"] * 4 / 2**20  # fp32, held before every run
+        total_lora, total_full = with_lora["peak_mib"] + weights, full["peak_mib"] + weights
+        lines += [
+            "",
+            f"Counting the model weights held before each run ({weights:.0f} MiB, outside the "
+            f"peak column): ASU_GD + LoRA peaks at {total_lora:.0f} MiB, ASU_GD at "
+            f"{total_full:.0f} MiB = **{total_lora / total_full:.2f}×** (LoRA: one set of "
+            "weights for student, teacher and reference; gradients and optimizer state for the "
+            "adapters only).",
+        ]
     gnb = steps.get("SOGradDiff (gnb)")
     if gnb and "hessian_pass_seconds" in gnb:
         base = steps["GradDiff (NLL)"]["step_seconds"]
@@ -611,6 +665,8 @@ def main(argv=None):
         return worker(json.loads(args.worker))
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.asu_temperature is not None:
+        ASU_FIXED.update(temperature=args.asu_temperature, layers=None, collapse_guard=False)
     transformers.logging.set_verbosity_error()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, model_name = load_model_and_tokenizer(args)
