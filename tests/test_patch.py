@@ -424,9 +424,16 @@ print("RESULT " + json.dumps(result))
 """
 
 
-def test_registries_load_plugins_at_lookup_time(patched_checkout, tmp_path):
+@pytest.fixture(scope="module")
+def registry_run(patched_checkout, tmp_path_factory) -> dict:
+    """REGISTRY_SCRIPT's result with the toy plugin (one harness process for both tests)."""
+    tmp_path = tmp_path_factory.mktemp("registry")
     site = write_toy_plugin(tmp_path / "site")
-    out = run_in_harness(patched_checkout, REGISTRY_SCRIPT, site, str(tmp_path / "out"))
+    return run_in_harness(patched_checkout, REGISTRY_SCRIPT, site, str(tmp_path / "out"))
+
+
+def test_registries_load_plugins_at_lookup_time(registry_run):
+    out = registry_run
     # nothing is read at import time, so plugins may import the harness at their top
     assert not {"ToyTrainer", "ToyOptimizer"} & set(out["at_import"])
     assert out["model"] == ["ToyModel", "toy-path"]
@@ -448,9 +455,8 @@ def test_registries_load_plugins_at_lookup_time(patched_checkout, tmp_path):
     assert out["default_optimizer"] == "AdamW"
 
 
-def test_optimizer_registry_hands_transformers_the_class_and_kwargs(patched_checkout, tmp_path):
-    site = write_toy_plugin(tmp_path / "site")
-    out = run_in_harness(patched_checkout, REGISTRY_SCRIPT, site, str(tmp_path / "out"))
+def test_optimizer_registry_hands_transformers_the_class_and_kwargs(registry_run):
+    out = registry_run
     if not out["supported"]:
         # the harness's transformers predates Trainer(optimizer_cls_and_kwargs=...): one line
         assert out["too_old"].startswith("RuntimeError: trainer.optimizer needs transformers >=")
