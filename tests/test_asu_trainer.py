@@ -542,6 +542,16 @@ def test_collapse_guard_warns_with_the_numbers_and_the_fix(world, tmp_path):
     assert "teacher_eos=suppress" not in str(record[0].message)
 
 
+def test_collapse_guard_skips_the_embedding_variant(world, tmp_path, recwarn):
+    """EMBED_MSE matches hidden states, not the teacher's answer distribution: a silent teacher
+    cannot teach silence there, so the guard neither measures nor warns."""
+    _, tokenizer, forget, retain = world
+    silent = (silent_llama(tokenizer), tokenizer, forget, retain)
+    trainer = asu(silent, tmp_path, temperature=2.3, collapse_guard={"sample": 5}, **EMBED)
+    assert trainer.collapse_stats is None
+    assert not [w for w in recwarn if "collapse guard" in str(w.message)]
+
+
 def test_collapse_guard_is_quiet_on_a_speaking_teacher(world, tmp_path, recwarn):
     trainer = asu(world, tmp_path, temperature=2.3, collapse_guard={"sample": 5})
     assert trainer.collapse_stats["warning"] is None

@@ -123,8 +123,15 @@ class ASUMixin(UnlearnMethodMixin):
         self.temperature = float(temperature)
         self.teacher_eos = teacher_eos
         self.end_token_ids = auto.end_tokens_for_trainer(self)
+        # The embedding variant matches hidden states, not the teacher's answer distribution:
+        # the teacher's end-of-answer mass cannot teach silence there, so nothing to guard.
         self.collapse_stats = auto.guard_for_trainer(
-            self, self.temperature, layers, collapse_guard, teacher_eos, self.end_token_ids
+            self,
+            self.temperature,
+            layers,
+            collapse_guard if forget_loss_type == "KL" else False,
+            teacher_eos,
+            self.end_token_ids,
         )
         self.forget_loss_type = forget_loss_type
         uses_embeddings = "EMBED_MSE" in (forget_loss_type, retain_type)
