@@ -7,8 +7,8 @@ Every row trains the same model from the same weights on the same batches (the s
 trainers; the harness's GradDiff computes the same losses) with the method arguments, learning
 rate and weight decay of its `configs/trainer/<Name>.yaml` (GradDiff: the harness's defaults), so
 SOGradDiff and SIMU run SOUL's grad2 Hessian and betas, as users get them. `SOGradDiff (gnb)` is
-the Sophia-G variant: its runs last at least 2 × `hessian_interval` steps, so its sampled-label
-Hessian pass is timed (it is also reported on its own).
+the Sophia-G variant: its runs together last at least 2 × `hessian_interval` steps (each at least
+one interval), so its sampled-label Hessian pass is timed (it is also reported on its own).
 
 Methods are interleaved: in each of --rounds rounds every method (in a rotated order) trains
 --run-steps optimizer steps from the initial weights; the first --warmup steps of a run are not
@@ -135,10 +135,12 @@ def shipped_configuration(name: str) -> tuple[str, dict, dict]:
 
 
 def run_steps(name: str, args) -> int:
-    """Optimizer steps of one run: GNB runs cover two Hessian intervals at least."""
+    """Optimizer steps of one run: the GNB runs of all rounds together cover two Hessian
+    intervals at least, each run at least one (so every run times a pass)."""
     _, method_args, _ = shipped_configuration(name)
     if method_args.get("hessian_mode") == "gnb":
-        return max(args.run_steps, 2 * int(method_args.get("hessian_interval", 10)))
+        interval = int(method_args.get("hessian_interval", 10))
+        return max(args.run_steps, interval, -(-2 * interval // max(1, args.rounds)))
     return args.run_steps
 
 
@@ -279,6 +281,7 @@ def time_run(name, model, initial_state, tokenizer, forget, retain, args, workdi
     method_args = {**method_args, **(extra or {})}
     use_lora = method_args.pop("lora", False)
     model.load_state_dict(initial_state)
+    model.requires_grad_(True)  # a LoRA run before froze the base weights in place
     steps = run_steps(name, args)
     device = next(model.parameters()).device
     timer = StepTimer(device)
