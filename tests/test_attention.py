@@ -139,6 +139,11 @@ def test_matches_softmax_reference(arch, impl, layers, route, monkeypatch):
         pytest.skip(f"{arch} attention has no `scaling`: tempered through the query")
     monkeypatch.setattr(attention, "SCALING_ROUTE", route == "scaling")
     model = build(arch, impl)
+    attn = self_attention(decoder_layers(model)[0])
+    if route == "scaling" and "scaling" not in vars(attn):
+        # GPT-2 and StableLM got `scaling` after 4.48 (4.51 still scales inline): the query route
+        # then applies, and the "query" case of this test checks it.
+        pytest.skip(f"{type(attn).__name__} has no `scaling` in this transformers version")
     reference_model = eager_twin(model, arch)
     batch = padded_batch()
     plain = logits(model, batch)
@@ -168,13 +173,21 @@ def test_flex_attention_backend(arch, monkeypatch):
     model = build(arch, "flex_attention")
     reference_model = eager_twin(model, arch)
     batch = {"input_ids": padded_batch()["input_ids"]}  # no padding mask: flex's block mask
+    try:
+        plain = logits(model, batch)
+    except Exception as error:
+        # transformers < 4.52 always asks flex for the log-sum-exp, which torch's CPU inductor
+        # kernel cannot return: the backend does not run here at all, tempered or not.
+        if "`return_lse` is not supported" not in str(error):
+            raise
+        pytest.skip(f"flex attention cannot run on CPU with this transformers/torch: {error}")
     with softmax_divided_by(reference_model, TAU, [0, 1, 2], monkeypatch):
         expected = logits(reference_model, batch)
     with attention_temperature(model, TAU) as handle:
         assert set(handle.routes.values()) == {"scaling"}
         tempered = logits(model, batch)
     assert (tempered - expected).abs().max() <= ATOL
-    assert (tempered - logits(model, batch)).abs().max() > 1e-2
+    assert (tempered - plain).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
@@ -287,28 +300,45 @@ def test_removal_leaves_nothing_behind(arch, tmp_path):
 
 
 # -- generation and limits ------------------------------------------------------------------------
+def greedy_vs_full_forwards(model, prompt, **generate_kwargs):
+    """Greedy generation's new tokens, the largest gap between its per-step logits and a full
+    forward of the sequence so far, and whether every token is that forward's argmax."""
+    out = model.generate(
+        input_ids=prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=6,
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_logits=True,
+        pad_token_id=3,
+        **generate_kwargs,
+    )
+    new_tokens = out.sequences[0, prompt.shape[1] :]
+    sequence, gap, argmax = prompt, 0.0, True
+    for step, token in enumerate(new_tokens):
+        full = model(input_ids=sequence).logits[0, -1]
+        gap = max(gap, (out.logits[step][0] - full).abs().max().item())
+        argmax = argmax and bool(full.argmax() == token)
+        sequence = torch.cat([sequence, token.view(1, 1)], dim=1)
+    return new_tokens, gap, argmax
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_generate_matches_repeated_full_forwards(arch):
     """The KV cache holds unscaled keys, so cached decoding equals recomputing everything."""
     model = build(arch)
     prompt = torch.randint(4, 600, (1, 6), generator=torch.Generator().manual_seed(3))
-    with attention_temperature(model, TAU), torch.no_grad():
-        out = model.generate(
-            input_ids=prompt,
-            attention_mask=torch.ones_like(prompt),
-            max_new_tokens=6,
-            do_sample=False,
-            return_dict_in_generate=True,
-            output_logits=True,
-            pad_token_id=3,
-        )
-        new_tokens = out.sequences[0, prompt.shape[1] :]
-        sequence = prompt
-        for step, token in enumerate(new_tokens):
-            full = model(input_ids=sequence).logits[0, -1]
-            assert (out.logits[step][0] - full).abs().max() <= ATOL
-            assert full.argmax() == token
-            sequence = torch.cat([sequence, token.view(1, 1)], dim=1)
+    cache = {}
+    with torch.no_grad():
+        if greedy_vs_full_forwards(model, prompt)[1] > ATOL:
+            # Not the temperature: untempered, transformers 4.51's HybridCache (Gemma-2/3's
+            # default) gives the last step other logits than a full forward; a DynamicCache not.
+            cache = {"cache_implementation": "dynamic"}
+            assert greedy_vs_full_forwards(model, prompt, **cache)[1] <= ATOL
+        with attention_temperature(model, TAU):
+            new_tokens, gap, argmax = greedy_vs_full_forwards(model, prompt, **cache)
+    assert gap <= ATOL
+    assert argmax
     assert len(new_tokens) > 1
 
 
