@@ -1,7 +1,7 @@
 """Cost of ASU, SO-GradDiff, SONPO and SIMU against GradDiff, each in its shipped configuration.
 
     python benchmarks/perf/perf.py [--model DIR] [--batch-size 4] [--rounds 2] [--run-steps 10]
-        [--warmup 1] [--simu-ig-steps 4] [--forget-size 8] [--distributed] [--out benchmarks/results]
+        [--warmup 1] [--simu-ig-steps 5] [--forget-size 8] [--distributed] [--out benchmarks/results]
 
 Every row trains the same model from the same weights on the same batches (the standalone
 trainers; the harness's GradDiff computes the same losses) with the method arguments, learning
@@ -158,7 +158,9 @@ def parse_args(argv=None):
     p.add_argument("--only", nargs="*", help="time only these rows (default: all)")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # a 2-process row's process (JSON spec)
     p.add_argument("--forget-size", type=int, default=8, help="forget rows (SIMU pass and epoch)")
-    p.add_argument("--simu-ig-steps", type=int, default=4, help="integrated-gradients steps")
+    p.add_argument(
+        "--simu-ig-steps", type=int, default=5, help="integrated-gradients steps (paper: 5)"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
     p.add_argument(
         "--asu-temperature",
@@ -652,11 +654,12 @@ def markdown(result):
             f"{s['forget_size']} forget rows, every decoder layer): {att['seconds']:.1f} s, peak "
             f"{att['peak_mib']:.0f} MiB; one SIMU training epoch on the same rows: "
             f"{epoch['seconds']:.1f} s, peak {epoch['peak_mib']:.0f} MiB → attribution = "
-            f"**{att['seconds'] / epoch['seconds']:.1f} epochs**. Per (layer l, step), the pass "
-            "runs layers ≥ l forward and backward on the forget set (layers below l replay the "
-            f"observed pass), so it grows with layers × steps (×{20 / s['simu_ig_steps']:.0f} at "
-            "the shipped 20 steps) and not with the number of training epochs; it runs once, and "
-            "`mask_path` reuses its masks.",
+            f"**{att['seconds'] / epoch['seconds']:.1f} epochs**. Per-answer-token attribution "
+            "(the default): per (layer l, step), every answer position is a single-token query "
+            "over the observed prefix's cached keys/values from layer l up (layers below l "
+            "replay the observed pass), so it grows with answer tokens × layers × steps (the "
+            "shipped and paper setting is 5 steps) and not with the number of training epochs; it "
+            "runs once, and `mask_path` reuses its masks.",
         ]
     lines.append("")
     return "\n".join(lines)
