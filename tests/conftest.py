@@ -125,3 +125,13 @@ def toy_tokenizer(toy_authors):
 @pytest.fixture
 def tiny_llama():
     return tiny_causal_lm("llama")
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Models this small gain nothing from intra-op threads and lose a lot on a busy machine
+    (modules opt in with `pytestmark = pytest.mark.usefixtures("single_thread")`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -23,13 +23,7 @@ from asu_simu_plugin.runner import RUN_FILE, RunSettings, build_trainer, run_unl
 EMBED = {"forget_loss_type": "EMBED_MSE", "retain_loss_type": "EMBED_MSE", "embed_layer": 1}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # Models this small gain nothing from intra-op threads and lose a lot on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def toy_llama(tokenizer, peaked: bool = True):

@@ -14,13 +14,7 @@ from asu_simu_plugin import standalone, toy
 from asu_simu_plugin.guards import NonFiniteTrainingError, UnsafeCheckpointError
 from asu_simu_plugin.runner import RunSettings, build_trainer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture

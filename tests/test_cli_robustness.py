@@ -18,13 +18,7 @@ from asu_simu_plugin.cli import main
 from asu_simu_plugin.methods.arguments import METHOD_ARGUMENTS
 from asu_simu_plugin.runner import RESUME_FILE, RUN_FILE
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture

@@ -17,12 +17,7 @@ from asu_simu_plugin.teacher_cache import TeacherCache, answer_positions
 TOLERANCE = {"float32": 3e-6, "float16": 1e-3, "bfloat16": 1e-2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture
