@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 import torch
 import transformers
 from packaging import version
+from transformers import LlamaForCausalLM
 
 from asu_simu_plugin import toy
 
@@ -135,3 +137,17 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def files(tmp_path, toy_authors, toy_tokenizer):
+    """(model folder, forget.jsonl, retain.jsonl): a saved tiny Llama and toy QA files for the
+    command-line tests."""
+    torch.manual_seed(0)
+    model_dir = tmp_path / "model"
+    LlamaForCausalLM(toy.tiny_llama_config(len(toy_tokenizer))).save_pretrained(model_dir)
+    toy_tokenizer.save_pretrained(model_dir)
+    forget, retain = tmp_path / "forget.jsonl", tmp_path / "retain.jsonl"
+    forget.write_text("\n".join(json.dumps(qa) for qa in toy_authors[0].qa_pairs()))
+    retain.write_text("\n".join(json.dumps(qa) for a in toy_authors[1:3] for qa in a.qa_pairs()))
+    return model_dir, forget, retain

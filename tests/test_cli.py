@@ -7,24 +7,11 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
-from asu_simu_plugin import toy
 from asu_simu_plugin.cli import main
 from asu_simu_plugin.neurons import load_masks
 from asu_simu_plugin.runner import RUN_FILE
-
-
-@pytest.fixture
-def files(tmp_path, toy_authors, toy_tokenizer):
-    torch.manual_seed(0)
-    model_dir = tmp_path / "model"
-    LlamaForCausalLM(toy.tiny_llama_config(len(toy_tokenizer))).save_pretrained(model_dir)
-    toy_tokenizer.save_pretrained(model_dir)
-    forget, retain = tmp_path / "forget.jsonl", tmp_path / "retain.jsonl"
-    forget.write_text("\n".join(json.dumps(qa) for qa in toy_authors[0].qa_pairs()))
-    retain.write_text("\n".join(json.dumps(qa) for a in toy_authors[1:3] for qa in a.qa_pairs()))
-    return model_dir, forget, retain
 
 
 @pytest.mark.parametrize("method", ["asu", "simu", "sograddiff"])

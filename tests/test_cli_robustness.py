@@ -11,26 +11,14 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file
-from transformers import LlamaForCausalLM, TrainerCallback
+from transformers import TrainerCallback
 
-from asu_simu_plugin import __version__, runner, toy
+from asu_simu_plugin import __version__, runner
 from asu_simu_plugin.cli import main
 from asu_simu_plugin.methods.arguments import METHOD_ARGUMENTS
 from asu_simu_plugin.runner import RESUME_FILE, RUN_FILE
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture
-def files(tmp_path, toy_authors, toy_tokenizer):
-    torch.manual_seed(0)
-    model_dir = tmp_path / "model"
-    LlamaForCausalLM(toy.tiny_llama_config(len(toy_tokenizer))).save_pretrained(model_dir)
-    toy_tokenizer.save_pretrained(model_dir)
-    forget, retain = tmp_path / "forget.jsonl", tmp_path / "retain.jsonl"
-    forget.write_text("\n".join(json.dumps(qa) for qa in toy_authors[0].qa_pairs()))
-    retain.write_text("\n".join(json.dumps(qa) for a in toy_authors[1:3] for qa in a.qa_pairs()))
-    return model_dir, forget, retain
 
 
 @pytest.fixture

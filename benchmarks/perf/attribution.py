@@ -32,22 +32,10 @@ VARIANTS = {"sequence, m = 4": ("sequence", 4), "per_token, m = 5": ("per_token"
 
 
 def _smollm2_shape_model():
+    from perf import SMOLLM2_135M  # the one copy of the shape (this folder is the script's path)
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        max_position_embeddings=8192,
-        rope_theta=100000.0,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
+    config = LlamaConfig(**SMOLLM2_135M)
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config).eval()
 
