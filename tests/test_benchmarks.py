@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ def load_pipeline():
         "tofu_mini_run", ROOT / "benchmarks/tofu_mini/run.py"
     )
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
     spec.loader.exec_module(module)
     return module
 
@@ -38,37 +40,158 @@ def test_token_entropy_matches_hand_computation():
     assert run.mean_token_entropy(tok, ["a b", "a a"]) == pytest.approx(0.5)
 
 
-def test_lr_scaling_and_unknown_method(tmp_path):
-    run = load_pipeline()
+def fake_tree(tmp_path):
     harness = tmp_path / "ou"
     (harness / "src").mkdir(parents=True)
     (harness / "src" / "train.py").write_text("")
     data = tmp_path / "data"
     (data / "locuslab" / "TOFU").mkdir(parents=True)
     (data / "locuslab" / "TOFU" / "forget01.json").write_text("{}\n")
-    base = ["--data", str(data), "--work", str(tmp_path / "w"), "--harness", str(harness)]
-    args = run.parse_args([*base, "--finetune-lr", "1e-4", "--lr", "SIMU=3e-5", "--device", "cpu"])
-    assert args.learning_rates["GradDiff"] == pytest.approx(1e-4)  # 1e-5 × (1e-4 / 1e-5)
-    assert args.learning_rates["SOGradDiff"] == pytest.approx(5e-5)
-    assert args.learning_rates["SIMU"] == 3e-5
+    return ["--data", str(data), "--work", str(tmp_path / "w"), "--harness", str(harness)]
+
+
+def test_rows_rates_and_bad_options(tmp_path):
+    run = load_pipeline()
+    base = fake_tree(tmp_path)
+    args = run.parse_args([*base, "--device", "cpu"])
+    assert args.rows == ["SOGradDiff", "SIMU", "NPO", "ASU", "GradDiff", "ASU_tau2.3"]
+    assert all(args.rates[r] == [5e-5, 1e-4, 2e-4] for r in args.rows)  # one grid for all
+    assert args.seeds == [0, 1, 2] and args.headline == ["GradDiff", "NPO", "ASU", "ASU_tau2.3"]
     args = run.parse_args(
-        [*base, "--variant", "ASU_t=ASU_GD:trainer.method_args.temperature=1.5,a=b"]
+        [*base, "--grid", "default", "--finetune-lr", "1e-4", "--lr", "SIMU=3e-5"]
     )
-    assert args.variants == {"ASU_t": ("ASU_GD", ["trainer.method_args.temperature=1.5", "a=b"])}
-    assert args.runs[-1] == "ASU_t" and args.learning_rates["ASU_t"] == 1e-4
-    args = run.parse_args([*base, "--lr-grid", "SIMU=2e-4,5e-4", "--lr-grid", "SOGradDiff=1e-5"])
-    assert args.runs[-3:] == ["SIMU_lr0.0002", "SIMU_lr0.0005", "SOGradDiff_lr1e-05"]
-    assert args.variants["SIMU_lr0.0005"] == ("SIMU", [])
-    assert [args.learning_rates[n] for n in args.runs[-3:]] == [2e-4, 5e-4, 1e-5]
-    for bad in ("SIMU=", "SIMU=fast", "Nope=1e-4"):
+    assert args.rates["GradDiff"] == [pytest.approx(1e-4)]  # 1e-5 × (1e-4 / 1e-5)
+    assert args.rates["SOGradDiff"] == [pytest.approx(5e-5)] and args.rates["SIMU"] == [3e-5]
+    args = run.parse_args([*base, "--variant", "ASU_t=ASU:trainer.method_args.temperature=1.5,a=b"])
+    assert args.variants == {"ASU_t": ("ASU", ["trainer.method_args.temperature=1.5", "a=b"])}
+    assert args.rows[-1] == "ASU_t" and args.rates["ASU_t"] == [5e-5, 1e-4, 2e-4]
+    for bad in (
+        ["--grid", "fast"],
+        ["--grid", "1e-4,1e-4"],
+        ["--grid", "-1e-4"],
+        ["--seeds", "0,x"],
+        ["--headline", "SimNPO"],  # not a row
+        ["--utility-floor", "1.5"],
+        ["--variant", "X=Unknown:a=b"],
+        ["--lr", "Nope=1"],
+    ):
         with pytest.raises(SystemExit):
-            run.parse_args([*base, "--lr-grid", bad])
+            run.parse_args([*base, *bad])
     with pytest.raises(SystemExit):
-        run.parse_args([*base, "--variant", "X=Unknown:a=b"])
-    with pytest.raises(SystemExit):
-        run.parse_args([*base, "--lr", "Nope=1"])
-    with pytest.raises(SystemExit):
-        run.parse_args(["--data", str(data), "--work", str(tmp_path / "w"), "--harness", "/nope"])
+        run.parse_args(["--data", base[1], "--work", str(tmp_path / "w"), "--harness", "/nope"])
+
+
+def test_select_rate_rule():
+    run = load_pipeline()
+    target = {"model_utility": 0.40}
+    grid = {
+        1e-5: {"model_utility": 0.40, "forget_quality": 0.01},
+        1e-4: {"model_utility": 0.37, "forget_quality": 0.30},  # kept (0.37 >= 0.36)
+        2e-4: {"model_utility": 0.20, "forget_quality": 0.90},  # forgets most, utility lost
+    }
+    assert run.select_rate(grid, target, 0.9)[0] == 1e-4
+    assert run.select_rate(grid, target, 0.5)[0] == 2e-4
+    # a tie in forget_quality (discrete KS p-values) goes to the higher utility
+    grid[2e-4] = {"model_utility": 0.38, "forget_quality": 0.30}
+    assert run.select_rate(grid, target, 0.9)[0] == 2e-4
+    # nobody keeps the floor: the highest utility
+    grid[1e-5]["model_utility"] = 0.39
+    lr, why = run.select_rate(grid, target, 1.0)
+    assert lr == 1e-5 and "no rate kept" in why
+
+
+def test_report_aggregates_seeds_and_compares_at_equal_forgetting(tmp_path):
+    """A finished work folder made by hand: the report's selection, {mean, std}, matching."""
+    import json
+    import statistics
+
+    run = load_pipeline()
+    base = fake_tree(tmp_path)
+    args = run.parse_args(
+        [*base, "--methods", "NPO", "ASU", "SOGradDiff", "SIMU", "--grid", "1e-4,2e-4"]
+        + ["--headline", "NPO", "ASU", "--seeds", "0,1", "--out", str(tmp_path / "out")]
+    )
+    pipeline = run.Pipeline(args)
+    work = pipeline.work
+    data_marker = {"forget01": 40, "seconds": 0.0, "finished": "0"}
+    (work / "stages" / "data.json").write_text(json.dumps(data_marker))
+
+    def finish(name, fq, mu, prob, answers):
+        evals = work / "evals" / name
+        evals.mkdir(parents=True)
+        summary = {"forget_quality": fq, "model_utility": mu, "forget_Q_A_Prob": prob}
+        (evals / "TOFU_SUMMARY.json").write_text(json.dumps(summary))
+        items = {str(i): {"input": "q", "generation": g} for i, g in enumerate(answers)}
+        per_item = {"forget_Q_A_ROUGE": {"value_by_index": items}}
+        (evals / "TOFU_EVAL.json").write_text(json.dumps(per_item))
+        for stage in ("eval", "unlearn"):
+            marker = {"seconds": 10.0, "finished": f"{name}"}
+            (work / "stages" / f"{stage}_{name}.json").write_text(json.dumps(marker))
+
+    finish("retain", None, 0.38, 0.1, ["a b"])
+    finish("target", 0.03, 0.40, 0.9, ["a b"])
+    # NPO: 1e-4 keeps utility (0.39 >= 0.36), 2e-4 does not
+    finish("NPO_lr0.0001_s0", 0.2, 0.39, 0.5, ["a b"])
+    finish("NPO_lr0.0002_s0", 0.9, 0.30, 0.1, ["a b"])
+    finish("NPO_lr0.0001_s1", 0.4, 0.37, 0.4, ["a a"])
+    # ASU: 2e-4 forgets more and keeps utility; seed 1 answers one of two questions empty
+    finish("ASU_lr0.0001_s0", 0.1, 0.40, 0.6, ["a b"])
+    finish("ASU_lr0.0002_s0", 0.5, 0.38, 0.3, ["a b", "c d"])
+    finish("ASU_lr0.0002_s1", 0.7, 0.36, 0.2, ["a b", ""])
+    # SOGradDiff and SIMU, forget probabilities 0.8/0.2 and 0.4/0.1 (one seed each)
+    finish("SOGradDiff_lr0.0001_s0", 0.05, 0.39, 0.8, ["a b"])
+    finish("SOGradDiff_lr0.0002_s0", 0.3, 0.33, 0.2, ["a b"])
+    finish("SIMU_lr0.0001_s0", 0.1, 0.395, 0.4, ["a b"])
+    finish("SIMU_lr0.0002_s0", 0.4, 0.35, 0.1, ["a b"])
+    pipeline.tokenizer = WordTokenizer
+    pipeline.report()
+
+    result = json.loads((tmp_path / "out" / "tofu_mini.json").read_text())
+    rows = {row["name"]: row for row in result["rows"]}
+    assert list(rows) == ["retain", "target", "NPO", "ASU", "SOGradDiff", "SIMU"]
+    npo, asu = rows["NPO"], rows["ASU"]
+    assert npo["learning_rate"] == 1e-4 and asu["learning_rate"] == 2e-4
+    assert [g["selected"] for g in asu["lr_grid"]] == [False, True]
+    assert [s["seed"] for s in asu["seeds"]] == [0, 1]
+    assert asu["forget_quality"]["mean"] == pytest.approx(0.6)
+    assert asu["forget_quality"]["std"] == pytest.approx(statistics.stdev([0.5, 0.7]))
+    assert asu["empty_share"]["mean"] == pytest.approx(0.25)  # 0/2 and 1/2
+    assert npo["token_entropy"]["mean"] == pytest.approx(0.5)  # "a b" 1, "a a" 0
+    assert rows["SIMU"]["model_utility"] == {"mean": 0.395, "std": None}  # one seed
+    assert rows["target"]["seeds"][0]["model_utility"] == 0.40
+    # ASU vs NPO: fq 0.6 >= 0.3, MU 0.37 >= 0.38 fails, empty 0.25 > 0.05 fails
+    goal = result["goal"]
+    assert goal["forget_quality >= NPO's"]["met"] and not goal["model_utility >= NPO's"]["met"]
+    assert not goal["empty answers <= 0.05"]["met"] and goal["met"] is False
+    # SIMU at p=0.4 against SOGradDiff's curve (0.8, 0.39)-(0.2, 0.33) in log p
+    (c,) = result["equal_forgetting"]
+    t = (math.log(0.4) - math.log(0.2)) / (math.log(0.8) - math.log(0.2))
+    expected = 0.395 - (0.33 + t * (0.39 - 0.33))
+    simu_points = [m for m in c["matches"] if m["point_of"] == "SIMU"]
+    assert [m["forget_Q_A_Prob"] for m in simu_points] == [0.4]  # 0.1 is outside 0.2-0.8
+    assert simu_points[0]["utility_difference"] == pytest.approx(expected)
+    # SOGradDiff's 0.2 lies on SIMU's 0.1-0.4 curve; the difference is signed SIMU − SOGradDiff
+    t = (math.log(0.2) - math.log(0.1)) / (math.log(0.4) - math.log(0.1))
+    other = [m for m in c["matches"] if m["point_of"] == "SOGradDiff"]
+    assert other[0]["utility_difference"] == pytest.approx(0.35 + t * (0.395 - 0.35) - 0.33)
+    md = (tmp_path / "out" / "tofu_mini.md").read_text()
+    assert "| ASU (ours) | 2.00e-04 | 2 | 0.600 ± 0.141 |" in md
+    for png in ("tofu_mini.png", "tofu_mini_equal_forgetting.png"):
+        assert (tmp_path / "out" / png).stat().st_size > 10_000
+
+
+def test_simu_runs_after_the_first_reuse_its_masks(tmp_path):
+    run = load_pipeline()
+    args = run.parse_args([*fake_tree(tmp_path), "--methods", "SIMU", "--device", "cpu"])
+    pipeline = run.Pipeline(args)
+    first, later = pipeline.runs_of("SIMU")[0], run.Run("SIMU", 2e-4, 1)
+    assert pipeline.reused_masks(later) == []  # nothing saved yet: attribute
+    masks = pipeline.work / "unlearn" / first.name / "simu_masks.safetensors"
+    masks.parent.mkdir(parents=True)
+    masks.write_bytes(b"")
+    assert pipeline.reused_masks(first) == []
+    assert pipeline.reused_masks(later) == [f"trainer.method_args.mask_path={masks}"]
+    assert "trainer.method_args.steps=5" in pipeline.unlearn_overrides(later)
 
 
 @pytest.mark.skipif(not SHARED_TOFU.is_dir(), reason="needs ../shared/data (real TOFU files)")
@@ -83,20 +206,30 @@ def test_mini_tofu_folder_loads_offline_with_datasets(tmp_path):
         [
             *("--data", str(SHARED_TOFU.parents[1]), "--work", str(tmp_path / "w")),
             *("--harness", str(harness), "--retain-size", "30", "--general-size", "7"),
-            *("--device", "cpu"),
+            *("--retain-train-size", "20", "--device", "cpu"),
         ]
     )
     pipeline = run.Pipeline(args)
     counts = pipeline.build_data()
     assert counts["forget01"] == 40 and counts["holdout01"] == 40
-    assert counts["retain_mini"] == 30 and counts["target_train"] == 70
+    assert counts["retain_perturbed"] == 30 and counts["retain_mini"] == 20
+    assert counts["retain_known"] == 50 and counts["target_train"] == 90
     assert counts["real_authors_perturbed"] == 7 and counts["world_facts_perturbed"] == 7
     folder = str(pipeline.data_dir / "locuslab" / "TOFU")
     # datasets keys a local folder's cache by config name: keep other runs' rows out
     cache = str(tmp_path / "cache")
+
+    def questions(name):
+        return load_dataset(folder, name=name, split="train", cache_dir=cache)["question"]
+
     target = load_dataset(folder, name="target_train", split="train", cache_dir=cache)
+    assert len(target) == 90 and set(target.column_names) == {"question", "answer"}
+    scored, unlearn_retain = questions("retain_perturbed"), questions("retain_mini")
+    # the target and the retain model know the scored retain rows, but unlearning's retain loss
+    # trains on other rows: model_utility is not measured on what a method optimises
+    assert not set(scored) & set(unlearn_retain)
+    assert target["question"][40:] == scored + unlearn_retain
+    assert questions("retain_known") == scored + unlearn_retain
+    assert not set(questions("forget01")) & set(unlearn_retain)
     retain_eval = load_dataset(folder, name="retain_perturbed", split="train", cache_dir=cache)
-    assert len(target) == 70 and set(target.column_names) == {"question", "answer"}
-    # the retain rows trained on are exactly the retain rows scored
-    assert target["question"][40:] == retain_eval["question"]
     assert "perturbed_answer" in retain_eval.column_names

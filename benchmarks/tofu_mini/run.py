@@ -27,12 +27,15 @@ Every harness call is logged to `<work>/logs/<stage>.log`. All sizes are argumen
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import importlib.util
+import itertools
 import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -43,20 +46,38 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_CONFIG = "SmolLM2-135M-Instruct"  # configs/model/SmolLM2-135M-Instruct.yaml (this plugin)
 
 # method: (harness experiment, extra overrides, TOFU learning rate). The rates are each method's
-# own TOFU default (harness / paper configs, for targets finetuned at 1e-5); the run scales them
-# by --finetune-lr / 1e-5, since a target finetuned harder needs proportionally larger unlearning
-# steps to move. --lr METHOD=VALUE sets one method's rate outright.
+# own TOFU default (harness / paper configs, for targets finetuned at 1e-5), used only with
+# `--grid default`; the run scales them by --finetune-lr / 1e-5, since a target finetuned harder
+# needs proportionally larger unlearning steps. By default every method instead runs the common
+# --grid and keeps the rate chosen by one rule (`select_rate`).
+PAPER_TAU = ["trainer.method_args.temperature=2.3", "trainer.method_args.layers=null"]
 METHODS = {
     "GradDiff": ("unlearn/tofu/default", ["trainer=GradDiff"], 1e-5),
     "NPO": ("unlearn/tofu/default", ["trainer=NPO"], 1e-5),
     "SimNPO": ("unlearn/tofu/default", ["trainer=SimNPO"], 1e-5),
-    "ASU_GD": ("unlearn/tofu/asu", ["trainer.method_args.retain_loss_type=NLL"], 1e-5),
+    "ASU": ("unlearn/tofu/asu", [], 1e-5),  # as shipped: τ and layers auto, NLL retain
+    "ASU_tau2.3": ("unlearn/tofu/asu", PAPER_TAU, 1e-5),  # the paper's τ on every layer
     "ASU_KL": ("unlearn/tofu/asu", ["trainer.method_args.retain_loss_type=KL"], 1e-5),
     "SOGradDiff": ("unlearn/tofu/sograddiff", [], 5e-6),
     "SIMU": ("unlearn/tofu/simu", [], 5e-6),
 }
+# the default rows, in the order they run: SOGradDiff and SIMU first (their grids answer the SIMU
+# paper's claim), then the headline rows
+DEFAULT_METHODS = ["SOGradDiff", "SIMU", "NPO", "ASU", "GradDiff", "ASU_tau2.3"]
+HEADLINE = ["GradDiff", "NPO", "ASU", "ASU_tau2.3"]  # rows run with every --seeds seed
+DEFAULT_GRID = "5e-5,1e-4,2e-4"
+# (row, baseline) pairs compared where their forgetting matches
+EQUAL_FORGETTING = [("SIMU", "SOGradDiff")]
 HARNESS_FINETUNE_LR = 1e-5  # configs/experiment/finetune/tofu/default.yaml
-OURS = {"ASU_GD", "ASU_KL", "SOGradDiff", "SIMU"}
+OURS = {"ASU", "ASU_tau2.3", "ASU_KL", "SOGradDiff", "SIMU"}
+# the selection rule's scores: (utility key, forget key; both higher = better)
+SELECTION = ("model_utility", "forget_quality")
+
+SELECTION_RULE = (
+    "of the grid rates whose {utility} (seed 0) is at least {floor:g} x the target's, the one with "
+    "the highest {forget} (ties: the higher {utility}); if none keeps that much, the one with the "
+    "highest {utility}"
+)
 
 # report column: (title, key in TOFU_SUMMARY.json or computed here, higher is better?)
 COLUMNS = [
@@ -77,14 +98,22 @@ def parse_args(argv=None):
     p.add_argument("--data", required=True, type=Path, help="folder holding locuslab/TOFU/")
     p.add_argument("--name", default="tofu_mini", help="file stem of the report in --out")
     p.add_argument("--forget-split", default="forget01", help="forget01 | forget05 | forget10")
-    p.add_argument("--retain-size", type=int, default=100, help="rows of retain_perturbed")
+    p.add_argument(
+        "--retain-size", type=int, default=100, help="retain rows scored (of retain_perturbed)"
+    )
+    p.add_argument(
+        "--retain-train-size",
+        type=int,
+        default=100,
+        help="retain rows unlearning trains on (of retain90, disjoint from the scored ones)",
+    )
     p.add_argument("--general-size", type=int, default=40, help="rows of real_authors/world_facts")
     p.add_argument("--finetune-epochs", type=float, default=5)
     p.add_argument("--unlearn-epochs", type=float, default=5)
     p.add_argument(
         "--max-new-tokens", type=int, default=48, help="ROUGE generations (harness: 200)"
     )
-    add_run_arguments(p, METHODS)
+    add_run_arguments(p, METHODS, DEFAULT_METHODS, HEADLINE)
     args = p.parse_args(argv)
     tofu = args.data / "locuslab" / "TOFU"
     if not any((tofu / f"{args.forget_split}{ext}").is_file() for ext in (".json", ".jsonl")):
@@ -93,8 +122,9 @@ def parse_args(argv=None):
     return finish_run_arguments(p, args, METHODS)
 
 
-def add_run_arguments(p, methods):
+def add_run_arguments(p, methods, defaults=None, headline=()):
     """The options every mini benchmark shares: where, how hard, which methods, which device."""
+    defaults = methods if defaults is None else defaults
     p.add_argument("--work", required=True, type=Path, help="models, logs, evals, stage markers")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "results")
     p.add_argument("--harness", type=Path, default=os.environ.get("OPEN_UNLEARNING_SRC"))
@@ -109,7 +139,29 @@ def add_run_arguments(p, methods):
         help="SIMU's integrated-gradients steps (the paper's m = 5; per-answer-token attribution\n"
         "costs answer tokens x layers x steps single-token passes, see benchmarks/perf)",
     )
-    p.add_argument("--methods", nargs="+", default=list(methods), choices=list(methods))
+    p.add_argument("--methods", nargs="+", default=list(defaults), choices=list(methods))
+    p.add_argument(
+        "--grid",
+        default=DEFAULT_GRID,
+        help="learning rates every row runs at (seed 0) before one is kept by the selection rule;\n"
+        "'default': each method's own rate (scaled by --finetune-lr / 1e-5), no grid",
+    )
+    p.add_argument(
+        "--utility-floor",
+        type=float,
+        default=0.9,
+        help="selection rule: the rate with the highest forget score among those keeping\n"
+        "utility >= this x the target's (none: the rate with the highest utility)",
+    )
+    p.add_argument("--seeds", default="0,1,2", help="seeds of the --headline rows")
+    p.add_argument(
+        "--headline",
+        nargs="*",
+        default=None,
+        help="rows run at every seed at their selected rate (the others: the first seed only);\n"
+        f"default: those of {', '.join(headline)} that run",
+    )
+    p.set_defaults(headline_rows=list(headline))
     p.add_argument("--lr", action="append", default=[], metavar="METHOD=VALUE")
     p.add_argument(
         "--variant",
@@ -117,15 +169,7 @@ def add_run_arguments(p, methods):
         default=[],
         metavar="NAME=METHOD:OVERRIDE[,OVERRIDE]",
         help="an extra row: METHOD with harness overrides, e.g.\n"
-        "ASU_GD_tau1.5=ASU_GD:trainer.method_args.temperature=1.5",
-    )
-    p.add_argument(
-        "--lr-grid",
-        action="append",
-        default=[],
-        metavar="METHOD=LR[,LR]",
-        help="extra rows: METHOD at each learning rate, named METHOD_lr<LR>, e.g.\n"
-        "SIMU=2e-4,5e-4 SOGradDiff=1e-5,5e-5 (compare methods where their forgetting matches)",
+        "ASU_tau1.5=ASU:trainer.method_args.temperature=1.5",
     )
     p.add_argument(
         "--max-steps",
@@ -135,11 +179,15 @@ def add_run_arguments(p, methods):
     )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--redo", action="append", default=[], metavar="STAGE")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write the report of what has finished (rows whose grid is done) and stop",
+    )
 
 
 def finish_run_arguments(p, args, methods):
-    """Check the harness; per-method learning rates (scaled, --lr), --variant rows, device."""
+    """Check the harness; rows (--methods, --variant), their rates (--grid, --lr), seeds, device."""
     if args.harness is None or not (Path(args.harness) / "src" / "train.py").is_file():
         p.error(
             "the harness was not found: set OPEN_UNLEARNING_SRC to an open-unlearning checkout "
@@ -147,13 +195,6 @@ def finish_run_arguments(p, args, methods):
         )
     args.harness = Path(args.harness).resolve()
     args.work = args.work.resolve()
-    scale = args.finetune_lr / HARNESS_FINETUNE_LR
-    args.learning_rates = {m: lr * scale for m, (_, _, lr) in methods.items()}
-    for item in args.lr:
-        method, _, value = item.partition("=")
-        if method not in methods:
-            p.error(f"--lr {item}: unknown method {method!r}; choose from {', '.join(methods)}")
-        args.learning_rates[method] = float(value)
     args.variants = {}
     for item in args.variant:
         name, _, rest = item.partition("=")
@@ -163,20 +204,29 @@ def finish_run_arguments(p, args, methods):
                 f"--variant {item}: use NEW_NAME=METHOD:override,... with METHOD in {list(methods)}"
             )
         args.variants[name] = (method, [o for o in overrides.split(",") if o])
-        args.learning_rates.setdefault(name, args.learning_rates[method])
-    for item in args.lr_grid:
-        method, _, values = item.partition("=")
-        try:
-            rates = [float(v) for v in values.split(",") if v.strip()]
-        except ValueError:
-            rates = []
-        if method not in methods or not rates:
-            p.error(f"--lr-grid {item}: use METHOD=LR[,LR] with METHOD in {list(methods)}")
-        for rate in rates:
-            name = f"{method}_lr{rate:g}"
-            args.variants[name] = (method, [])
-            args.learning_rates[name] = rate
-    args.runs = [*args.methods, *args.variants]
+    args.rows = [*args.methods, *args.variants]
+    scale = args.finetune_lr / HARNESS_FINETUNE_LR
+    default_rate = {m: lr * scale for m, (_, _, lr) in methods.items()}
+    if args.grid.strip() == "default":
+        args.rates = {r: [default_rate[args.variants.get(r, (r,))[0]]] for r in args.rows}
+    else:
+        grid = number_list(p, "--grid", args.grid, float)
+        if any(lr <= 0 for lr in grid):
+            p.error(f"--grid {args.grid}: learning rates must be > 0")
+        args.rates = {r: grid for r in args.rows}
+    for item in args.lr:
+        method, _, value = item.partition("=")
+        if method not in args.rows:
+            p.error(f"--lr {item}: {method!r} is not a row; rows: {', '.join(args.rows)}")
+        args.rates[method] = number_list(p, "--lr", value, float)[:1]
+    args.seeds = number_list(p, "--seeds", args.seeds, int)
+    if args.headline is None:
+        args.headline = [row for row in args.headline_rows if row in args.rows]
+    unknown = set(args.headline) - set(args.rows)
+    if unknown:
+        p.error(f"--headline {' '.join(sorted(unknown))}: not among the rows {args.rows}")
+    if not 0 < args.utility_floor <= 1:
+        p.error(f"--utility-floor {args.utility_floor}: use a share in (0, 1], e.g. 0.9")
     if args.device == "auto":
         import torch
 
@@ -184,8 +234,56 @@ def finish_run_arguments(p, args, methods):
     return args
 
 
+def number_list(p, option, text, kind):
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or len(set(values)) != len(values):
+        p.error(f"{option} {text!r}: use distinct comma-separated numbers, e.g. {DEFAULT_GRID}")
+    return values
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One unlearning run: a row (method or --variant) at one learning rate and seed."""
+
+    row: str
+    lr: float
+    seed: int
+
+    @property
+    def name(self):
+        return f"{self.row}_lr{self.lr:g}_s{self.seed}"
+
+
+def select_rate(results, target, floor, keys=SELECTION):
+    """The rule every row's rate is chosen by, from its grid runs (seed 0).
+
+    `results` maps each rate to its summary. Among the rates whose utility is at least `floor` ×
+    the target's, the one that forgets best (ties: higher utility); if none keeps that much
+    utility, the rate with the highest utility. Returns (rate, why).
+    """
+    utility, forget = keys
+    scored = {lr: (r.get(forget) or 0.0, r[utility]) for lr, r in results.items()}
+    need = floor * target[utility]
+    kept = {lr: score for lr, score in scored.items() if score[1] >= need}
+    if kept:
+        lr = max(kept, key=lambda k: kept[k])
+        return lr, f"highest {forget} with {utility} >= {floor:g} x target's ({need:.3f})"
+    lr = max(scored, key=lambda k: scored[k][1])
+    return lr, f"no rate kept {utility} >= {need:.3f}: highest {utility}"
+
+
 class Pipeline:
     model_config = MODEL_CONFIG  # the harness model config the runs name (template args)
+    summary_file = "TOFU_SUMMARY.json"
+    columns = COLUMNS
+    selection = SELECTION
+    ours = OURS
+    # pairs compared at equal forgetting, matched on this forget score (lower = more forgotten)
+    equal_forgetting = EQUAL_FORGETTING
+    matching_key = ("forget_Q_A_Prob", "forget probability")
 
     def __init__(self, args):
         self.args = args
@@ -248,7 +346,7 @@ class Pipeline:
             f"model.model_args.torch_dtype={dtype}",
         ]
 
-    def train_overrides(self, epochs, lr):
+    def train_overrides(self, epochs, lr, seed=None):
         a = self.args
         bf16 = str(a.device == "cuda").lower()
         overrides = [
@@ -266,7 +364,7 @@ class Pipeline:
             "trainer.args.report_to=none",
             "trainer.args.save_strategy=no",
             "trainer.args.logging_steps=1",
-            f"trainer.args.seed={a.seed}",
+            f"trainer.args.seed={a.seeds[0] if seed is None else seed}",
         ]
         if a.max_steps:
             overrides.append(f"++trainer.args.max_steps={a.max_steps}")
@@ -375,15 +473,22 @@ class Pipeline:
             lines = path.read_text().splitlines()
             return [line for line in lines if line.strip()][:limit]
 
-        retain = rows("retain_perturbed", self.args.retain_size)
+        retain_eval = rows("retain_perturbed", self.args.retain_size)
+        retain_train = disjoint_retain_rows(
+            rows("retain90"), rows("retain_perturbed"), self.args.retain_train_size
+        )
         forget = rows(self.split)
+        # Both models know the scored retain rows (finetuned on them); unlearning's retain loss
+        # trains on other rows, so model_utility is not scored on the rows a method optimises.
+        known_retain = [qa_only(r) for r in retain_eval] + retain_train
         configs = {
             self.split: forget,
             f"{self.split}_perturbed": rows(f"{self.split}_perturbed"),
             self.holdout: rows(self.holdout),
-            "retain_perturbed": retain,
-            "retain_mini": [qa_only(r) for r in retain],
-            "target_train": forget + [qa_only(r) for r in retain],
+            "retain_perturbed": retain_eval,
+            "retain_mini": retain_train,
+            "retain_known": known_retain,
+            "target_train": forget + known_retain,
             "real_authors_perturbed": rows("real_authors_perturbed", self.args.general_size),
             "world_facts_perturbed": rows("world_facts_perturbed", self.args.general_size),
         }
@@ -414,36 +519,76 @@ class Pipeline:
 
     def evaluate(self, stage, model_path, name, with_reference=True):
         self.harness(stage, "eval.py", self.eval_overrides(model_path, name, with_reference))
-        return {"summary": read_json(self.work / "evals" / name / "TOFU_SUMMARY.json")}
+        return {"summary": self.summary(name)}
 
-    def unlearn(self, method):
-        base, variant_overrides = self.args.variants.get(method, (method, []))
+    def unlearn_overrides(self, run):
+        """The method's experiment and overrides for one run (its rate and seed excluded)."""
+        base, variant_overrides = self.args.variants.get(run.row, (run.row, []))
         experiment, extra, _ = METHODS[base]
-        extra = [*extra, *variant_overrides]
-        lr = self.args.learning_rates[method]
+        overrides = [f"experiment={experiment}", *extra, *variant_overrides]
         if base == "SIMU":
-            extra = [*extra, f"trainer.method_args.steps={self.args.simu_ig_steps}"]
+            overrides.append(f"trainer.method_args.steps={self.args.simu_ig_steps}")
+            overrides += self.reused_masks(run)
+        return overrides
+
+    def reused_masks(self, run):
+        """SIMU's attribution depends on the target and the forget set only: a row's later runs
+        reuse the masks its first run saved (`mask_path`, checked against the model)."""
+        first = self.runs_of(run.row)[0]
+        masks = self.work / "unlearn" / first.name / "simu_masks.safetensors"
+        if run == first or not masks.is_file():
+            return []
+        return [f"trainer.method_args.mask_path={masks}"]
+
+    def unlearn(self, run):
         self.harness(
-            f"unlearn_{method}",
+            f"unlearn_{run.name}",
             "train.py",
             [
                 "--config-name=unlearn.yaml",
-                f"experiment={experiment}",
-                *extra,
+                *self.unlearn_overrides(run),
                 *self.model_overrides(self.work / "models" / "target"),
                 f"forget_split={self.split}",
                 "retain_split=retain_mini",
                 f"holdout_split={self.holdout}",
                 f"retain_logs_path={self.retain_logs}",
-                f"task_name={method}",
-                f"paths.output_dir={self.work / 'unlearn' / method}",
-                *self.train_overrides(self.args.unlearn_epochs, lr),
+                f"task_name={run.name}",
+                f"paths.output_dir={self.work / 'unlearn' / run.name}",
+                *self.train_overrides(self.args.unlearn_epochs, run.lr, run.seed),
             ],
         )
-        return {"learning_rate": lr}
+        return {"learning_rate": run.lr, "seed": run.seed}
 
-    def run(self):
-        a = self.args
+    # -- the plan: every row's grid at the first seed, then the headline rows' other seeds --------
+    def runs_of(self, row):
+        """A row's grid runs (first seed), in the order they run."""
+        return [Run(row, lr, self.args.seeds[0]) for lr in self.args.rates[row]]
+
+    def summary(self, name):
+        return read_json(self.work / "evals" / name / self.summary_file)
+
+    def selected(self, row):
+        """(rate, why) by `select_rate` over the row's finished grid runs."""
+        runs = self.runs_of(row)
+        if len(runs) == 1:
+            return runs[0].lr, "one rate given"
+        results = {r.lr: self.summary(r.name) for r in runs}
+        return select_rate(results, self.summary("target"), self.args.utility_floor, self.selection)
+
+    def seed_runs(self, row):
+        lr, _ = self.selected(row)
+        seeds = self.args.seeds if row in self.args.headline else self.args.seeds[:1]
+        return [Run(row, lr, seed) for seed in seeds]
+
+    def unlearn_and_evaluate(self, run):
+        self.run_stage(f"unlearn_{run.name}", lambda: self.unlearn(run))
+        self.run_stage(
+            f"eval_{run.name}",
+            lambda: self.evaluate(f"eval_{run.name}", self.work / "unlearn" / run.name, run.name),
+        )
+
+    def setup(self):
+        """The model, the data, the target and retain models and their evaluations."""
         self.run_stage("model", self.build_model)
         self.run_stage("data", self.build_data)
         models = self.work / "models"
@@ -453,7 +598,7 @@ class Pipeline:
         )
         self.run_stage(
             "finetune_retain",
-            lambda: self.finetune("finetune_retain", "retain_mini", models / "retain"),
+            lambda: self.finetune("finetune_retain", "retain_known", models / "retain"),
         )
         self.run_stage(
             "eval_retain", lambda: self.evaluate("eval_retain", models / "retain", "retain", False)
@@ -461,45 +606,99 @@ class Pipeline:
         self.run_stage(
             "eval_target", lambda: self.evaluate("eval_target", models / "target", "target")
         )
-        for method in a.runs:
-            self.run_stage(f"unlearn_{method}", lambda m=method: self.unlearn(m))
-            self.run_stage(
-                f"eval_{method}",
-                lambda m=method: self.evaluate(f"eval_{m}", self.work / "unlearn" / m, m),
-            )
-        self.run_stage("report", self.report)
+
+    def run(self):
+        self.setup()
+        for row in self.args.rows:
+            for run in self.runs_of(row):
+                self.unlearn_and_evaluate(run)
+        for row in self.args.rows:
+            for run in self.seed_runs(row):
+                self.unlearn_and_evaluate(run)
+        self.report()
 
     # -- report ------------------------------------------------------------------------------
-    def report(self):
+    def generations(self, name):
+        """(first question, forget-set generations) the harness saved for one evaluation."""
+        per_item = read_json(self.work / "evals" / name / "TOFU_EVAL.json")
+        items = per_item["forget_Q_A_ROUGE"]["value_by_index"]
+        ordered = [items[k] for k in sorted(items, key=int)]
+        return ordered[0].get("input", ""), [item["generation"] for item in ordered]
+
+    def metrics(self, name, tokenizer):
+        summary = self.summary(name)
+        question, generations = self.generations(name)
+        out = {key: summary.get(key) for _, key, _ in self.columns}
+        out[self.matching_key[0]] = summary.get(self.matching_key[0])
+        out["token_entropy"] = mean_token_entropy(tokenizer, generations)
+        out["empty_share"] = sum(not g.strip() for g in generations) / len(generations)
+        out["sample_generation"] = {"question": question, "generation": generations[0]}
+        return out
+
+    def done(self, run):
+        return self.marker(f"eval_{run.name}").exists()
+
+    def report_row(self, row, tokenizer):
+        """One row: its grid (first seed), the selected rate, per-seed values and {mean, std}."""
+        base, overrides = self.args.variants.get(row, (row, []))
+        out = {"name": row, "kind": kind_of(base, self.ours)}
+        if row in self.args.variants:
+            out["variant_of"], out["overrides"] = base, overrides
+        grid = self.runs_of(row)
+        if not all(self.done(r) for r in grid):
+            return None
+        lr, why = self.selected(row)
+        out["learning_rate"], out["selection"] = lr, why
+        out["lr_grid"] = []
+        for r in grid:
+            m = self.metrics(r.name, tokenizer)
+            m.pop("sample_generation")
+            out["lr_grid"].append({"learning_rate": r.lr, "selected": r.lr == lr, **m})
+        runs = [r for r in self.seed_runs(row) if self.done(r)]
+        per_seed = [{"seed": r.seed, **self.metrics(r.name, tokenizer)} for r in runs]
+        out["sample_generation"] = per_seed[0].pop("sample_generation")
+        for entry in per_seed[1:]:
+            entry.pop("sample_generation")
+        out.update(aggregate(per_seed))
+        out["unlearn_seconds"] = statistics.mean(
+            read_json(self.marker(f"unlearn_{r.name}"))["seconds"] for r in runs
+        )
+        chosen = [self.work / "unlearn" / r.name / "asu_temperature.json" for r in runs]
+        if all(path.is_file() for path in chosen):
+            out["asu_auto"] = [
+                {"seed": r.seed, **pick(read_json(path), "temperature", "layers_label", "reason")}
+                for r, path in zip(runs, chosen, strict=True)
+            ]
+        return out
+
+    def reference_row(self, name, tokenizer):
+        metrics = self.metrics(name, tokenizer)
+        row = {
+            "name": name,
+            "kind": "reference",
+            "sample_generation": metrics.pop("sample_generation"),
+        }
+        return {**row, **aggregate([{"seed": self.args.seeds[0], **metrics}])}
+
+    def tokenizer(self):
         from transformers import AutoTokenizer
 
+        return AutoTokenizer.from_pretrained(self.base_model)
+
+    def report(self):
+        """The md/json/PNG report of every finished row (a row appears once its grid is done)."""
         from asu_simu_plugin.diagnostics import machine_info
 
         a = self.args
-        tokenizer = AutoTokenizer.from_pretrained(self.base_model)
-        rows = []
-        for name in ["retain", "target", *a.runs]:
-            evals = self.work / "evals" / name
-            summary = read_json(evals / "TOFU_SUMMARY.json")
-            per_item = read_json(evals / "TOFU_EVAL.json")
-            generations = [
-                item["generation"]
-                for item in per_item["forget_Q_A_ROUGE"]["value_by_index"].values()
-            ]
-            base = a.variants.get(name, (name, []))[0]
-            row = {"name": name, "kind": kind_of(base)}
-            if name in a.variants:
-                row["variant_of"], row["overrides"] = a.variants[name]
-            for _, key, _ in COLUMNS:
-                row[key] = summary.get(key)
-            row["token_entropy"] = mean_token_entropy(tokenizer, generations)
-            row["empty_share"] = sum(not g.strip() for g in generations) / len(generations)
-            if name in a.learning_rates:
-                row["learning_rate"] = a.learning_rates[name]
-                row["unlearn_seconds"] = read_json(self.marker(f"unlearn_{name}"))["seconds"]
-            row["eval_seconds"] = read_json(self.marker(f"eval_{name}"))["seconds"]
-            row["sample_generation"] = first_generation(per_item)
-            rows.append(row)
+        tokenizer = self.tokenizer()
+        rows = [self.reference_row(name, tokenizer) for name in ("retain", "target")]
+        rows += [r for r in (self.report_row(row, tokenizer) for row in a.rows) if r]
+        by_name = {row["name"]: row for row in rows}
+        comparisons = [
+            equal_forgetting(by_name[x], by_name[y], self.matching_key[0], self.selection[0])
+            for x, y in self.equal_forgetting
+            if x in by_name and y in by_name
+        ]
         markers = [(p.stem, read_json(p)) for p in (self.work / "stages").glob("*.json")]
         stage_seconds = {
             stage: info["seconds"]
@@ -510,17 +709,177 @@ class Pipeline:
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "machine": {**machine_info(), "device": a.device},
             "versions": versions(a.harness),
-            "settings": settings(a, self.marker("data")),
+            "settings": self.settings(),
             "rows": rows,
+            "equal_forgetting": comparisons,
+            "goal": self.goal(by_name),
             "stage_seconds": stage_seconds,
             "total_seconds": round(sum(stage_seconds.values()), 1),
         }
         a.out.mkdir(parents=True, exist_ok=True)
         (a.out / f"{a.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-        plot(rows, a.out / f"{a.name}.png", a.forget_split)
-        (a.out / f"{a.name}.md").write_text(markdown(result, f"{a.name}.png"))
-        print(markdown(result, f"{a.name}.png"), flush=True)
+        self.plot(rows, a.out / f"{a.name}.png")
+        if comparisons:
+            plot_equal_forgetting(
+                rows, comparisons, a.out / f"{a.name}_equal_forgetting.png", self.matching_key
+            )
+        text = self.markdown(result)
+        (a.out / f"{a.name}.md").write_text(text)
+        print(text, flush=True)
         return {"report": str(a.out / f"{a.name}.md")}
+
+    def settings(self):
+        a = self.args
+        return {
+            "forget_split": a.forget_split,
+            "data_rows": {
+                k: v for k, v in read_json(self.marker("data")).items() if isinstance(v, int)
+            },
+            "finetune": {"epochs": a.finetune_epochs, "learning_rate": a.finetune_lr},
+            "unlearn": {"epochs": a.unlearn_epochs, "learning_rates": a.rates},
+            "selection": {
+                "keys": list(self.selection),
+                "utility_floor": a.utility_floor,
+                "rule": SELECTION_RULE.format(
+                    utility=self.selection[0], forget=self.selection[1], floor=a.utility_floor
+                ),
+            },
+            "seeds": a.seeds,
+            "headline": a.headline,
+            "variants": a.variants,
+            "per_device_batch_size": a.batch_size,
+            "gradient_accumulation_steps": a.grad_accum,
+            "rouge_max_new_tokens": a.max_new_tokens,
+            "simu_ig_steps": a.simu_ig_steps,
+            "max_steps": a.max_steps,
+        }
+
+    def goal(self, rows):
+        """ASU's target on this benchmark (seed means): <= 5 % empty answers, token entropy >= 0.9,
+        forget_quality >= NPO's at model_utility >= NPO's."""
+        asu, npo = rows.get("ASU"), rows.get("NPO")
+        if not asu or not npo:
+            return None
+
+        def mean(row, key):
+            return row[key]["mean"]
+
+        checks = {
+            "empty answers <= 0.05": (mean(asu, "empty_share"), 0.05, False),
+            "token entropy >= 0.9": (mean(asu, "token_entropy"), 0.9, True),
+            "forget_quality >= NPO's": (
+                mean(asu, "forget_quality"),
+                mean(npo, "forget_quality"),
+                True,
+            ),
+            "model_utility >= NPO's": (
+                mean(asu, "model_utility"),
+                mean(npo, "model_utility"),
+                True,
+            ),
+        }
+        out = {}
+        for name, (value, bound, higher) in checks.items():
+            met = value >= bound if higher else value <= bound
+            out[name] = {"value": value, "bound": bound, "met": met}
+        out["met"] = all(c["met"] for c in out.values())
+        return out
+
+    def markdown(self, result):
+        return markdown(result, self.columns, self.matching_key, self.title(result))
+
+    def title(self, result):
+        s = result["settings"]
+        return (
+            f"{result['name']}: TOFU {s['forget_split']} through the harness, SmolLM2-135M-Instruct"
+        )
+
+    def plot(self, rows, path):
+        plot_rows(
+            rows,
+            path,
+            ("forget_quality", "forget_quality (KS p-value vs retain model, log)"),
+            ("model_utility", "model_utility"),
+            f"TOFU {self.args.forget_split}, SmolLM2-135M-Instruct (mean ± std over seeds)",
+            xlog=True,
+        )
+
+
+def pick(record, *keys):
+    return {k: record.get(k) for k in keys}
+
+
+def aggregate(per_seed):
+    """{"seeds": per-seed values, metric: {"mean", "std"}} (std: sample std, None for one seed)."""
+    out = {"seeds": per_seed}
+    keys = [k for k in per_seed[0] if k != "seed"]
+    for key in keys:
+        values = [v[key] for v in per_seed if isinstance(v.get(key), (int, float))]
+        if not values:
+            out[key] = None
+            continue
+        std = statistics.stdev(values) if len(values) > 1 else None
+        out[key] = {"mean": statistics.mean(values), "std": std}
+    return out
+
+
+def interpolate(points, x):
+    """y at x on the piecewise-linear curve through points (x, y) in log x; None outside it."""
+    points = sorted(points)
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
+        if x0 <= x <= x1:
+            if x1 == x0:
+                return (y0 + y1) / 2
+            t = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
+            return y0 + t * (y1 - y0)
+    return None
+
+
+def equal_forgetting(row, baseline, forget_key, utility_key):
+    """`row` against `baseline` where their forgetting matches: each grid point of either is
+    placed on the other's utility-vs-forget curve (its grid points joined piecewise-linearly in
+    log forget score); points outside the other's range are left out."""
+
+    def curve(r):
+        return [(g[forget_key], g[utility_key]) for g in r["lr_grid"] if g[forget_key]]
+
+    own, other = curve(row), curve(baseline)
+    matches = []
+    for label, points, against, sign in (
+        (row["name"], own, other, 1),
+        (baseline["name"], other, own, -1),
+    ):
+        for x, y in points:
+            y_other = interpolate(against, x)
+            if y_other is not None:
+                difference = sign * (y - y_other)
+                matches.append({"point_of": label, forget_key: x, "utility_difference": difference})
+    diffs = [m["utility_difference"] for m in matches]
+    return {
+        "row": row["name"],
+        "baseline": baseline["name"],
+        "matched_on": forget_key,
+        "utility": utility_key,
+        "ranges": {
+            row["name"]: [min(x for x, _ in own), max(x for x, _ in own)] if own else None,
+            baseline["name"]: [min(x for x, _ in other), max(x for x, _ in other)]
+            if other
+            else None,
+        },
+        "matches": matches,
+        "mean_utility_difference": statistics.mean(diffs) if diffs else None,
+    }
+
+
+def disjoint_retain_rows(pool, scored, size):
+    """The first `size` rows of `pool` (QA fields only) whose question is not among `scored`'s."""
+    taken = {json.loads(line)["question"] for line in scored}
+    out = [qa_only(line) for line in pool if json.loads(line)["question"] not in taken][:size]
+    if len(out) < size:
+        raise SystemExit(
+            f"only {len(out)} retain rows are disjoint from the scored ones: lower --retain-train-size"
+        )
+    return out
 
 
 def qa_only(line):
@@ -557,12 +916,6 @@ def mean_token_entropy(tokenizer, texts):
     return sum(token_entropy(tokenizer, t) for t in texts) / max(len(texts), 1)
 
 
-def first_generation(per_item):
-    items = per_item["forget_Q_A_ROUGE"]["value_by_index"]
-    first = items[sorted(items, key=int)[0]]
-    return {"question": first.get("input", ""), "generation": first["generation"]}
-
-
 def versions(harness):
     from importlib.metadata import PackageNotFoundError, version
 
@@ -585,22 +938,6 @@ def versions(harness):
     return out
 
 
-def settings(a, data_marker):
-    return {
-        "forget_split": a.forget_split,
-        "data_rows": {k: v for k, v in read_json(data_marker).items() if isinstance(v, int)},
-        "finetune": {"epochs": a.finetune_epochs, "learning_rate": a.finetune_lr},
-        "unlearn": {"epochs": a.unlearn_epochs, "learning_rates": a.learning_rates},
-        "variants": a.variants,
-        "per_device_batch_size": a.batch_size,
-        "gradient_accumulation_steps": a.grad_accum,
-        "rouge_max_new_tokens": a.max_new_tokens,
-        "simu_ig_steps": a.simu_ig_steps,
-        "max_steps": a.max_steps,
-        "seed": a.seed,
-    }
-
-
 def fmt(value):
     if value is None:
         return "–"
@@ -611,12 +948,23 @@ def fmt(value):
     return str(value)
 
 
-def markdown(result, png_name):
+def cell(value):
+    """A metric cell: `mean ± std` over seeds, or the one value."""
+    if isinstance(value, dict):
+        if value.get("std") is None:
+            return fmt(value["mean"])
+        return f"{fmt(value['mean'])} ± {fmt(value['std'])}"
+    return fmt(value)
+
+
+def markdown(result, columns, matching_key, title):
     s, m, v = result["settings"], result["machine"], result["versions"]
+    grid_keys = [k for k in (s["selection"]["keys"][1], s["selection"]["keys"][0])]
+    grid_keys += [matching_key[0], "token_entropy", "empty_share"]
     lines = [
-        f"# {result['name']}: TOFU {s['forget_split']} through the harness, SmolLM2-135M-Instruct",
+        f"# {title}",
         "",
-        f"Generated by `benchmarks/tofu_mini/run.py` on {result['date'][:10]}; "
+        f"Generated by `{Path(__file__).parent.name}/run.py` on {result['date'][:10]}; "
         f"{m['cpu']}, {m['cpu_cores']} cores, device {m['device']}"
         + (f" ({m['gpu']})" if m.get("gpu") else "")
         + "; "
@@ -626,41 +974,89 @@ def markdown(result, png_name):
         f"Data rows: {', '.join(f'{k} {n}' for k, n in s['data_rows'].items())}. "
         f"Finetune {s['finetune']['epochs']:g} epochs at lr {s['finetune']['learning_rate']:g}; "
         f"unlearning {s['unlearn']['epochs']:g} epochs, per-device batch "
-        f"{s['per_device_batch_size']} (× {s['gradient_accumulation_steps']} accumulation), "
-        f"ROUGE generations of at most {s['rouge_max_new_tokens']} new tokens; SIMU "
-        f"attribution with {s['simu_ig_steps']} integrated-gradients steps. "
+        f"{s['per_device_batch_size']} (× {s['gradient_accumulation_steps']} accumulation). "
+        f"Learning rate, the same rule for every row: {s['selection']['rule']}. "
+        f"Rows {', '.join(s['headline']) or '–'} then run at seeds "
+        f"{', '.join(map(str, s['seeds']))} at that rate (mean ± sample std; seed "
+        f"{s['seeds'][0]} is the grid run itself). "
         f"Total wall time {result['total_seconds'] / 60:.0f} min.",
         "",
-        "| model | lr | " + " | ".join(title for title, _, _ in COLUMNS) + " | unlearn s |",
-        "|---|---|" + "---|" * len(COLUMNS) + "---|",
+        "| model | lr | seeds | " + " | ".join(t for t, _, _ in columns) + " | unlearn s |",
+        "|---|---|---|" + "---|" * len(columns) + "---|",
     ]
     for row in result["rows"]:
         label = row["name"] + (" (ours)" if row["kind"] == "ours" else "")
         if row["kind"] == "reference":
             label = f"*{row['name']} model*"
-        cells = [fmt(row.get(key)) for _, key, _ in COLUMNS]
+        cells = [cell(row.get(key)) for _, key, _ in columns]
         lines.append(
-            f"| {label} | {fmt(row.get('learning_rate'))} | "
+            f"| {label} | {fmt(row.get('learning_rate'))} | {len(row['seeds'])} | "
             + " | ".join(cells)
             + f" | {fmt(row.get('unlearn_seconds'))} |"
         )
     for name, (method, overrides) in s["variants"].items():
         lines.append(f"\n{name}: {method} with `{' '.join(overrides)}`.")
+    lines += ["", f"![{grid_keys[1]} vs {grid_keys[0]}]({result['name']}.png)", ""]
     lines += [
+        f"## Learning-rate grid (seed {s['seeds'][0]}; **bold**: selected)",
         "",
-        "forget_quality: KS-test p-value of forget truth ratios against the retain model "
-        "(higher = closer to never having seen the forget set). model_utility: harmonic mean of "
-        "probability, ROUGE and truth ratio on retain / real authors / world facts. privleak: "
-        "0 is the retain model's MIA AUC, negative means the forget set still looks like "
-        "training data. token entropy: normalised entropy of each forget generation's tokens "
-        "(low = repetitive, degenerate text; an empty answer scores 0). empty answers: share of "
-        "forget questions answered with nothing at all.",
-        "",
-        f"![model utility vs forget quality]({png_name})",
-        "",
-        "First forget-set generation per model:",
-        "",
+        "| model | lr | " + " | ".join(grid_keys) + " |",
+        "|---|---|" + "---|" * len(grid_keys),
     ]
+    for row in result["rows"]:
+        for g in row.get("lr_grid", []):
+            lr = f"**{fmt(g['learning_rate'])}**" if g["selected"] else fmt(g["learning_rate"])
+            values = " | ".join(fmt(g.get(k)) for k in grid_keys)
+            lines.append(f"| {row['name']} | {lr} | {values} |")
+    for c in result.get("equal_forgetting") or []:
+        lines += [
+            "",
+            f"## {c['row']} vs {c['baseline']} at equal forgetting",
+            "",
+            f"Each grid point of one method is placed on the other's {c['utility']} curve "
+            f"(its grid points joined piecewise-linearly in log {matching_key[1]}); a point outside "
+            f"the other's {matching_key[1]} range is not compared. Ranges: "
+            + "; ".join(
+                f"{name} {fmt(r[0])}–{fmt(r[1])}" if r else f"{name} –"
+                for name, r in c["ranges"].items()
+            )
+            + ".",
+            "",
+            f"| point of | {matching_key[1]} | {c['utility']}: {c['row']} − {c['baseline']} |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| {mt['point_of']} | {fmt(mt[c['matched_on']])} | {mt['utility_difference']:+.4f} |"
+            for mt in c["matches"]
+        ]
+        mean = c["mean_utility_difference"]
+        lines.append(
+            "\n"
+            + (
+                f"Mean {c['utility']} difference at matched forgetting: {mean:+.4f} "
+                f"({c['row']} {'higher' if mean > 0 else 'lower'})."
+                if mean is not None
+                else "No grid point falls inside the other method's range: no comparison."
+            )
+        )
+        lines.append(f"\n![equal forgetting]({result['name']}_equal_forgetting.png)")
+    goal = result.get("goal")
+    if goal:
+        lines += ["", "## ASU's goal (seed means)", ""]
+        for name, check in goal.items():
+            if name != "met":
+                mark = "met" if check["met"] else "**not met**"
+                lines.append(f"- {name}: {fmt(check['value'])} vs {fmt(check['bound'])}: {mark}")
+    auto = [row for row in result["rows"] if row.get("asu_auto")]
+    if auto:
+        lines += ["", "## ASU's automatic τ and layers (chosen on the forget set per run)", ""]
+        for row in auto:
+            for c in row["asu_auto"]:
+                lines.append(
+                    f"- {row['name']} seed {c['seed']}: τ {c['temperature']:g}, layers "
+                    f"{c['layers_label']} ({c['reason']})"
+                )
+    lines += ["", "First forget-set generation per model (first seed):", ""]
     for row in result["rows"]:
         text = row["sample_generation"]["generation"].strip().replace("\n", " ")
         lines.append(f"- **{row['name']}**: {text[:200]}")
@@ -674,15 +1070,84 @@ def markdown(result, png_name):
     return "\n".join(lines)
 
 
-def plot(rows, path, split):
-    scatter(
-        rows,
-        path,
-        ("forget_quality", "forget_quality (KS p-value vs retain model, log)"),
-        ("model_utility", "model_utility"),
-        f"TOFU {split}, SmolLM2-135M-Instruct (red: this plugin)",
-        xlog=True,
-    )
+def _mean_std(value):
+    if isinstance(value, dict):
+        return value["mean"], value.get("std") or 0.0
+    return value, 0.0
+
+
+def plot_rows(rows, path, x, y, title, xlog=False):
+    """Each row at its (x, y) seed mean with ± std bars, its grid points (first seed) joined by
+    a faint line; x, y = (key, label)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    markers = {"reference": "s", "harness": "o", "ours": "*"}
+    fig, ax = plt.subplots(figsize=(7.2, 5.0))
+    colors = plt.get_cmap("tab10")
+    for i, row in enumerate(rows):
+        if row.get(x[0]) is None or row.get(y[0]) is None:
+            continue
+        color = "grey" if row["kind"] == "reference" else colors(i % 10)
+        grid = [(g[x[0]], g[y[0]]) for g in row.get("lr_grid", []) if g.get(x[0]) is not None]
+        if len(grid) > 1:
+            gx, gy = zip(*grid, strict=True)
+            ax.plot(gx, gy, color=color, alpha=0.35, lw=1, marker=".", ms=5)
+        (mx, sx), (my, sy) = _mean_std(row[x[0]]), _mean_std(row[y[0]])
+        ax.errorbar(
+            mx,
+            my,
+            xerr=sx,
+            yerr=sy,
+            color=color,
+            marker=markers[row["kind"]],
+            ms=9,
+            capsize=3,
+            lw=1.2,
+        )
+        ax.annotate(row["name"], (mx, my), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    if xlog:
+        ax.set_xscale("log")
+    ax.set_xlabel(x[1])
+    ax.set_ylabel(y[1])
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_equal_forgetting(rows, comparisons, path, matching_key):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_name = {row["name"]: row for row in rows}
+    fig, axes = plt.subplots(1, len(comparisons), figsize=(6.4 * len(comparisons), 4.6))
+    for ax, c in zip(fig.axes, comparisons, strict=True):
+        for name in (c["row"], c["baseline"]):
+            grid = sorted(
+                (g[c["matched_on"]], g[c["utility"]], g["learning_rate"])
+                for g in by_name[name]["lr_grid"]
+            )
+            xs, ys, _ = zip(*grid, strict=True)
+            ax.plot(xs, ys, marker="o", label=name)
+            for gx, gy, lr in grid:
+                ax.annotate(
+                    f"{lr:g}", (gx, gy), textcoords="offset points", xytext=(4, 4), fontsize=7
+                )
+        ax.set_xscale("log")
+        ax.set_xlabel(f"{matching_key[1]} (lower = more forgotten, log)")
+        ax.set_ylabel(c["utility"])
+        ax.set_title(f"{c['row']} vs {c['baseline']}: lr grid (labels: lr)", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def scatter(rows, path, x, y, title, xlog=False):
@@ -712,7 +1177,12 @@ def scatter(rows, path, x, y, title, xlog=False):
 
 
 def main(argv=None):
-    Pipeline(parse_args(argv)).run()
+    args = parse_args(argv)
+    pipeline = Pipeline(args)
+    if args.report_only:
+        pipeline.report()
+    else:
+        pipeline.run()
 
 
 if __name__ == "__main__":
