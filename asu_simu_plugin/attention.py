@@ -11,7 +11,8 @@ soft-capped model tempered by τ is exactly as smooth as an uncapped one with th
 Two routes, both exact, checked against an explicit computation on every architecture in the
 test-suite:
 
-1. **The module's own scale** (transformers >= 4.48): attention modules there carry `scaling` and
+1. **The module's own scale** (transformers >= 4.48 for most models, later for some: GPT-2 and
+   StableLM modules carry it in 5.x but not in 4.51): attention modules that carry `scaling`
    pass it to whichever backend runs (eager multiplies by it, SDPA gets it as `scale`, flash
    attention as `softmax_scale`, flex as `scale`), so `scaling / τ` gives s/τ everywhere.
 2. **The query** (transformers 4.45, and modules without `scaling`): logits are s_ij =
@@ -58,7 +59,7 @@ from asu_simu_plugin.arch import (
 SUPPORTED = (
     "decoder-only models whose attention modules carry their own `scaling` (transformers >= "
     "4.48: Llama, Mistral, Qwen2/3, Gemma 1-3, Phi-3, OLMo-2, Granite, Cohere, StarCoder2, "
-    f"GPT-NeoX, GPT-2, ...), and otherwise those with a query at {QUERY_SITES}"
+    f"GPT-NeoX, ...; GPT-2 in 5.x), and otherwise those with a query at {QUERY_SITES}"
 )
 _SOFTCAP = "attn_logit_softcapping"
 # transformers 4.48 moved every attention backend behind `attention_interface(..., scaling=)`.
