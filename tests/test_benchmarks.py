@@ -143,6 +143,13 @@ def test_report_aggregates_seeds_and_compares_at_equal_forgetting(tmp_path):
     finish("SOGradDiff_lr0.0002_s0", 0.3, 0.33, 0.2, ["a b"])
     finish("SIMU_lr0.0001_s0", 0.1, 0.395, 0.4, ["a b"])
     finish("SIMU_lr0.0002_s0", 0.4, 0.35, 0.1, ["a b"])
+    for seed in (0, 1):  # what ASU's temperature: auto leaves beside each model
+        unlearned = work / "unlearn" / f"ASU_lr0.0002_s{seed}"
+        unlearned.mkdir(parents=True)
+        choice = {"temperature": 1.5 + seed, "layers_label": "0-9", "reason": "rule"}
+        (unlearned / "asu_temperature.json").write_text(json.dumps(choice))
+        for ext in ("csv", "png"):
+            (unlearned / f"asu_tau_sweep.{ext}").write_text(f"seed {seed}")
     pipeline.tokenizer = WordTokenizer
     pipeline.report()
 
@@ -174,7 +181,11 @@ def test_report_aggregates_seeds_and_compares_at_equal_forgetting(tmp_path):
     t = (math.log(0.2) - math.log(0.1)) / (math.log(0.4) - math.log(0.1))
     other = [m for m in c["matches"] if m["point_of"] == "SOGradDiff"]
     assert other[0]["utility_difference"] == pytest.approx(0.35 + t * (0.395 - 0.35) - 0.33)
+    assert [c["temperature"] for c in asu["asu_auto"]] == [1.5, 2.5]
+    assert "asu_auto" not in npo
+    assert (tmp_path / "out" / "tofu_mini_ASU_tau_sweep.png").read_text() == "seed 0"
     md = (tmp_path / "out" / "tofu_mini.md").read_text()
+    assert "- ASU seed 1: τ 2.5, layers 0-9 (rule)" in md
     assert "| ASU (ours) | 2.00e-04 | 2 | 0.600 ± 0.141 |" in md
     for png in ("tofu_mini.png", "tofu_mini_equal_forgetting.png"):
         assert (tmp_path / "out" / png).stat().st_size > 10_000

@@ -728,6 +728,12 @@ class Pipeline:
             plot_equal_forgetting(
                 rows, comparisons, a.out / f"{a.name}_equal_forgetting.png", self.matching_key
             )
+        for row in rows:
+            if row.get("asu_auto"):  # the sweep behind the first seed's choice, beside the report
+                run = self.seed_runs(row["name"])[0]
+                for ext in ("csv", "png"):
+                    sweep = self.work / "unlearn" / run.name / f"asu_tau_sweep.{ext}"
+                    shutil.copyfile(sweep, a.out / f"{a.name}_{row['name']}_tau_sweep.{ext}")
         text = self.markdown(result)
         (a.out / f"{a.name}.md").write_text(text)
         print(text, flush=True)
@@ -1054,7 +1060,17 @@ def markdown(result, columns, matching_key, title):
                 lines.append(f"- {name}: {fmt(check['value'])} vs {fmt(check['bound'])}: {mark}")
     auto = [row for row in result["rows"] if row.get("asu_auto")]
     if auto:
-        lines += ["", "## ASU's automatic τ and layers (chosen on the forget set per run)", ""]
+        lines += [
+            "",
+            "## ASU's automatic τ and layers (chosen on the forget set before each run)",
+            "",
+            "The first seed's sweep: "
+            + ", ".join(
+                f"[{row['name']}]({result['name']}_{row['name']}_tau_sweep.png)" for row in auto
+            )
+            + ".",
+            "",
+        ]
         for row in auto:
             for c in row["asu_auto"]:
                 lines.append(
