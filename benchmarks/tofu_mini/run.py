@@ -72,12 +72,13 @@ DEFAULT_GRID = "5e-5,1e-4,2e-4"
 EQUAL_FORGETTING = [("SIMU", "SOGradDiff")]
 HARNESS_FINETUNE_LR = 1e-5  # configs/experiment/finetune/tofu/default.yaml
 OURS = {"ASU", "ASU_tau2.3", "ASU_KL", "SOGradDiff", "SIMU"}
-# the selection rule's scores: (utility key, forget key; both higher = better)
+# the selection rule's scores: (utility key, forget key), both higher = better; a third item -1
+# marks a forget score where lower is better (e.g. a ROUGE on the forget set)
 SELECTION = ("model_utility", "forget_quality")
 
 SELECTION_RULE = (
     "of the grid rates whose {utility} (seed 0) is at least {floor:g} x the target's, the one with "
-    "the highest {forget} (ties: the higher {utility}); if none keeps that much, the one with the "
+    "the {best} {forget} (ties: the higher {utility}); if none keeps that much, the one with the "
     "highest {utility}"
 )
 
@@ -152,7 +153,7 @@ def add_run_arguments(p, methods, defaults=None, headline=()):
         "--utility-floor",
         type=float,
         default=0.9,
-        help="selection rule: the rate with the highest forget score among those keeping\n"
+        help="selection rule: the rate that forgets most (by the forget score) among those keeping\n"
         "utility >= this x the target's (none: the rate with the highest utility)",
     )
     p.add_argument("--seeds", default="0,1,2", help="seeds of the --headline rows")
@@ -266,19 +267,36 @@ def select_rate(results, target, floor, keys=SELECTION):
     the target's, the one that forgets best (ties: higher utility); if none keeps that much
     utility, the rate with the highest utility. Returns (rate, why).
     """
-    utility, forget = keys
-    scored = {lr: (r.get(forget) or 0.0, r[utility]) for lr, r in results.items()}
+    utility, forget, sign, best = selection_keys(keys)
+
+    def forgetting(r):  # a missing score counts as forgetting nothing
+        value = r.get(forget)
+        if value is None:
+            return 0.0 if sign > 0 else -math.inf
+        return sign * value
+
+    scored = {lr: (forgetting(r), r[utility]) for lr, r in results.items()}
     need = floor * target[utility]
     kept = {lr: score for lr, score in scored.items() if score[1] >= need}
     if kept:
         lr = max(kept, key=lambda k: kept[k])
-        return lr, f"highest {forget} with {utility} >= {floor:g} x target's ({need:.3f})"
+        return lr, f"{best} {forget} with {utility} >= {floor:g} x target's ({need:.3f})"
     lr = max(scored, key=lambda k: scored[k][1])
     return lr, f"no rate kept {utility} >= {need:.3f}: highest {utility}"
 
 
+def selection_keys(keys):
+    """(utility key, forget key, +1 / -1: higher / lower forget score is better, "highest" /
+    "lowest") of a selection tuple."""
+    utility, forget, *rest = keys
+    sign = rest[0] if rest else 1
+    return utility, forget, sign, "highest" if sign > 0 else "lowest"
+
+
 class Pipeline:
     model_config = MODEL_CONFIG  # the harness model config the runs name (template args)
+    methods = METHODS
+    script = Path(__file__)  # named in the report
     summary_file = "TOFU_SUMMARY.json"
     columns = COLUMNS
     selection = SELECTION
@@ -529,7 +547,7 @@ class Pipeline:
     def unlearn_overrides(self, run):
         """The method's experiment and overrides for one run (its rate and seed excluded)."""
         base, variant_overrides = self.args.variants.get(run.row, (run.row, []))
-        experiment, extra, _ = METHODS[base]
+        experiment, extra, _ = self.methods[base]
         overrides = [f"experiment={experiment}", *extra, *variant_overrides]
         if base == "SIMU":
             overrides.append(f"trainer.method_args.steps={self.args.simu_ig_steps}")
@@ -545,6 +563,14 @@ class Pipeline:
             return []
         return [f"trainer.method_args.mask_path={masks}"]
 
+    def unlearn_data_overrides(self):
+        """The data every unlearning run reads: the forget split and the retain training rows."""
+        return [
+            f"forget_split={self.split}",
+            "retain_split=retain_mini",
+            f"holdout_split={self.holdout}",
+        ]
+
     def unlearn(self, run):
         self.harness(
             f"unlearn_{run.name}",
@@ -553,9 +579,7 @@ class Pipeline:
                 "--config-name=unlearn.yaml",
                 *self.unlearn_overrides(run),
                 *self.model_overrides(self.work / "models" / "target"),
-                f"forget_split={self.split}",
-                "retain_split=retain_mini",
-                f"holdout_split={self.holdout}",
+                *self.unlearn_data_overrides(),
                 f"retain_logs_path={self.retain_logs}",
                 f"task_name={run.name}",
                 f"paths.output_dir={self.work / 'unlearn' / run.name}",
@@ -741,6 +765,7 @@ class Pipeline:
 
     def settings(self):
         a = self.args
+        utility, forget, sign, best = selection_keys(self.selection)
         return {
             "forget_split": a.forget_split,
             "data_rows": {
@@ -749,10 +774,11 @@ class Pipeline:
             "finetune": {"epochs": a.finetune_epochs, "learning_rate": a.finetune_lr},
             "unlearn": {"epochs": a.unlearn_epochs, "learning_rates": a.rates},
             "selection": {
-                "keys": list(self.selection),
+                "keys": [utility, forget],
+                "forget_better": "higher" if sign > 0 else "lower",
                 "utility_floor": a.utility_floor,
                 "rule": SELECTION_RULE.format(
-                    utility=self.selection[0], forget=self.selection[1], floor=a.utility_floor
+                    utility=utility, forget=forget, best=best, floor=a.utility_floor
                 ),
             },
             "seeds": a.seeds,
@@ -797,7 +823,18 @@ class Pipeline:
         return out
 
     def markdown(self, result):
-        return markdown(result, self.columns, self.matching_key, self.title(result))
+        return markdown(
+            result,
+            self.columns,
+            self.matching_key,
+            self.title(result),
+            notes=self.notes(result),
+            script=self.script,
+        )
+
+    def notes(self, result):
+        """Extra paragraphs of the report, between the settings and the table."""
+        return []
 
     def title(self, result):
         s = result["settings"]
@@ -968,14 +1005,15 @@ def cell(value):
     return fmt(value)
 
 
-def markdown(result, columns, matching_key, title):
+def markdown(result, columns, matching_key, title, notes=(), script=Path(__file__)):
     s, m, v = result["settings"], result["machine"], result["versions"]
     grid_keys = [k for k in (s["selection"]["keys"][1], s["selection"]["keys"][0])]
     grid_keys += [matching_key[0], "token_entropy", "empty_share"]
+    grid_keys = list(dict.fromkeys(grid_keys))  # the matching key may be a selection key
     lines = [
         f"# {title}",
         "",
-        f"Generated by `{Path(__file__).parent.name}/run.py` on {result['date'][:10]}; "
+        f"Generated by `{script.parent.name}/{script.name}` on {result['date'][:10]}; "
         f"{m['cpu']}, {m['cpu_cores']} cores, device {m['device']}"
         + (f" ({m['gpu']})" if m.get("gpu") else "")
         + "; "
@@ -992,6 +1030,7 @@ def markdown(result, columns, matching_key, title):
         f"{s['seeds'][0]} is the grid run itself). "
         f"Total wall time {result['total_seconds'] / 60:.0f} min.",
         "",
+        *[line for note in notes for line in (note, "")],
         "| model | lr | seeds | " + " | ".join(t for t, _, _ in columns) + " | unlearn s |",
         "|---|---|---|" + "---|" * len(columns) + "---|",
     ]
