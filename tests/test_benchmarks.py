@@ -231,7 +231,7 @@ def test_mini_tofu_folder_loads_offline_with_datasets(tmp_path):
     cache = str(tmp_path / "cache")
 
     def questions(name):
-        return load_dataset(folder, name=name, split="train", cache_dir=cache)["question"]
+        return list(load_dataset(folder, name=name, split="train", cache_dir=cache)["question"])
 
     target = load_dataset(folder, name="target_train", split="train", cache_dir=cache)
     assert len(target) == 90 and set(target.column_names) == {"question", "answer"}
@@ -239,7 +239,7 @@ def test_mini_tofu_folder_loads_offline_with_datasets(tmp_path):
     # the target and the retain model know the scored retain rows, but unlearning's retain loss
     # trains on other rows: model_utility is not measured on what a method optimises
     assert not set(scored) & set(unlearn_retain)
-    assert target["question"][40:] == scored + unlearn_retain
+    assert list(target["question"])[40:] == scored + unlearn_retain
     assert questions("retain_known") == scored + unlearn_retain
     assert not set(questions("forget01")) & set(unlearn_retain)
     retain_eval = load_dataset(folder, name="retain_perturbed", split="train", cache_dir=cache)
