@@ -57,6 +57,10 @@ def test_rows_rates_and_bad_options(tmp_path):
     assert args.rows == ["SOGradDiff", "SIMU", "NPO", "ASU", "GradDiff", "ASU_tau2.3"]
     assert all(args.rates[r] == [5e-5, 1e-4, 2e-4] for r in args.rows)  # one grid for all
     assert args.seeds == [0, 1, 2] and args.headline == ["GradDiff", "NPO", "ASU", "ASU_tau2.3"]
+    # curve-only rates below and above the grid, for the equal-forgetting pair only
+    assert args.curves == {"SOGradDiff": [2e-5, 5e-4], "SIMU": [2e-5, 5e-4]}
+    args = run.parse_args([*base, "--curve", "SIMU=", "--curve", "NPO=1e-4,3e-4"])
+    assert args.curves == {"SOGradDiff": [2e-5, 5e-4], "SIMU": [], "NPO": [3e-4]}  # 1e-4: grid
     args = run.parse_args(
         [*base, "--grid", "default", "--finetune-lr", "1e-4", "--lr", "SIMU=3e-5"]
     )
@@ -74,6 +78,8 @@ def test_rows_rates_and_bad_options(tmp_path):
         ["--utility-floor", "1.5"],
         ["--variant", "X=Unknown:a=b"],
         ["--lr", "Nope=1"],
+        ["--curve", "SimNPO=1e-4"],
+        ["--curve", "SIMU=x"],
     ):
         with pytest.raises(SystemExit):
             run.parse_args([*base, *bad])
@@ -143,6 +149,8 @@ def test_report_aggregates_seeds_and_compares_at_equal_forgetting(tmp_path):
     finish("SOGradDiff_lr0.0002_s0", 0.3, 0.33, 0.2, ["a b"])
     finish("SIMU_lr0.0001_s0", 0.1, 0.395, 0.4, ["a b"])
     finish("SIMU_lr0.0002_s0", 0.4, 0.35, 0.1, ["a b"])
+    # a curve-only rate: it would win the rule, but only grid rates are candidates
+    finish("SIMU_lr0.0005_s0", 0.9, 0.395, 0.05, ["a b"])
     for seed in (0, 1):  # what ASU's temperature: auto leaves beside each model
         unlearned = work / "unlearn" / f"ASU_lr0.0002_s{seed}"
         unlearned.mkdir(parents=True)
@@ -165,6 +173,9 @@ def test_report_aggregates_seeds_and_compares_at_equal_forgetting(tmp_path):
     assert asu["empty_share"]["mean"] == pytest.approx(0.25)  # 0/2 and 1/2
     assert npo["token_entropy"]["mean"] == pytest.approx(0.5)  # "a b" 1, "a a" 0
     assert rows["SIMU"]["model_utility"] == {"mean": 0.395, "std": None}  # one seed
+    assert rows["SIMU"]["learning_rate"] == 1e-4
+    simu_grid = [(g["learning_rate"], g["in_grid"]) for g in rows["SIMU"]["lr_grid"]]
+    assert simu_grid == [(1e-4, True), (2e-4, True), (5e-4, False)]
     assert rows["target"]["seeds"][0]["model_utility"] == 0.40
     # ASU vs NPO: fq 0.6 >= 0.3, MU 0.37 >= 0.38 fails, empty 0.25 > 0.05 fails
     goal = result["goal"]
@@ -175,7 +186,8 @@ def test_report_aggregates_seeds_and_compares_at_equal_forgetting(tmp_path):
     t = (math.log(0.4) - math.log(0.2)) / (math.log(0.8) - math.log(0.2))
     expected = 0.395 - (0.33 + t * (0.39 - 0.33))
     simu_points = [m for m in c["matches"] if m["point_of"] == "SIMU"]
-    assert [m["forget_Q_A_Prob"] for m in simu_points] == [0.4]  # 0.1 is outside 0.2-0.8
+    # 0.1 and the curve point's 0.05 are outside SOGradDiff's 0.2-0.8
+    assert [m["forget_Q_A_Prob"] for m in simu_points] == [0.4]
     assert simu_points[0]["utility_difference"] == pytest.approx(expected)
     # SOGradDiff's 0.2 lies on SIMU's 0.1-0.4 curve; the difference is signed SIMU − SOGradDiff
     t = (math.log(0.2) - math.log(0.1)) / (math.log(0.4) - math.log(0.1))
@@ -186,6 +198,7 @@ def test_report_aggregates_seeds_and_compares_at_equal_forgetting(tmp_path):
     assert (tmp_path / "out" / "tofu_mini_ASU_tau_sweep.png").read_text() == "seed 0"
     md = (tmp_path / "out" / "tofu_mini.md").read_text()
     assert "- ASU seed 1: τ 2.5, layers 0-9 (rule)" in md
+    assert "| SIMU | *5.00e-04* |" in md
     assert "| ASU (ours) | 2.00e-04 | 2 | 0.600 ± 0.141 |" in md
     for png in ("tofu_mini.png", "tofu_mini_equal_forgetting.png"):
         assert (tmp_path / "out" / png).stat().st_size > 10_000

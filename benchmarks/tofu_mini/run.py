@@ -70,6 +70,9 @@ HEADLINE = ["GradDiff", "NPO", "ASU", "ASU_tau2.3"]  # rows run with every --see
 DEFAULT_GRID = "5e-5,1e-4,2e-4"
 # (row, baseline) pairs compared where their forgetting matches
 EQUAL_FORGETTING = [("SIMU", "SOGradDiff")]
+# extra rates (first seed) that only draw those rows' utility-vs-forgetting curves, one below and
+# one above the grid for both, so that the curves overlap; never candidates for the selected rate
+CURVES = {"SOGradDiff": [2e-5, 5e-4], "SIMU": [2e-5, 5e-4]}
 HARNESS_FINETUNE_LR = 1e-5  # configs/experiment/finetune/tofu/default.yaml
 OURS = {"ASU", "ASU_tau2.3", "ASU_KL", "SOGradDiff", "SIMU"}
 # the selection rule's scores: (utility key, forget key), both higher = better; a third item -1
@@ -116,7 +119,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--max-new-tokens", type=int, default=48, help="ROUGE generations (harness: 200)"
     )
-    add_run_arguments(p, METHODS, DEFAULT_METHODS, HEADLINE)
+    add_run_arguments(p, METHODS, DEFAULT_METHODS, HEADLINE, CURVES)
     args = p.parse_args(argv)
     tofu = args.data / "locuslab" / "TOFU"
     if not any((tofu / f"{args.forget_split}{ext}").is_file() for ext in (".json", ".jsonl")):
@@ -125,9 +128,10 @@ def parse_args(argv=None):
     return finish_run_arguments(p, args, METHODS)
 
 
-def add_run_arguments(p, methods, defaults=None, headline=()):
+def add_run_arguments(p, methods, defaults=None, headline=(), curves=None):
     """The options every mini benchmark shares: where, how hard, which methods, which device."""
     defaults = methods if defaults is None else defaults
+    curves = curves or {}
     p.add_argument("--work", required=True, type=Path, help="models, logs, evals, stage markers")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "results")
     p.add_argument("--harness", type=Path, default=os.environ.get("OPEN_UNLEARNING_SRC"))
@@ -165,6 +169,19 @@ def add_run_arguments(p, methods, defaults=None, headline=()):
         f"default: those of {', '.join(headline)} that run",
     )
     p.set_defaults(headline_rows=list(headline))
+    p.add_argument(
+        "--curve",
+        action="append",
+        default=[],
+        metavar="ROW=LR[,LR]",
+        help="extra rates (first seed) drawing ROW's utility-vs-forgetting curve for the\n"
+        "equal-forgetting comparison, never selected; 'ROW=' for none. Default: "
+        + (
+            "; ".join(f"{r}={','.join(f'{v:g}' for v in lrs)}" for r, lrs in curves.items())
+            or "none"
+        ),
+    )
+    p.set_defaults(default_curves=dict(curves))
     p.add_argument("--lr", action="append", default=[], metavar="METHOD=VALUE")
     p.add_argument(
         "--variant",
@@ -223,6 +240,15 @@ def finish_run_arguments(p, args, methods):
             p.error(f"--lr {item}: {method!r} is not a row; rows: {', '.join(args.rows)}")
         args.rates[method] = number_list(p, "--lr", value, float)[:1]
     args.seeds = number_list(p, "--seeds", args.seeds, int)
+    args.curves = {r: lrs for r, lrs in args.default_curves.items() if r in args.rows}
+    for item in args.curve:
+        row, _, values = item.partition("=")
+        if row not in args.rows:
+            p.error(f"--curve {item}: {row!r} is not a row; rows: {', '.join(args.rows)}")
+        args.curves[row] = number_list(p, "--curve", values, float) if values.strip() else []
+    args.curves = {
+        row: [lr for lr in lrs if lr not in args.rates[row]] for row, lrs in args.curves.items()
+    }
     if args.headline is None:
         args.headline = [row for row in args.headline_rows if row in args.rows]
     unknown = set(args.headline) - set(args.rows)
@@ -593,6 +619,10 @@ class Pipeline:
         """A row's grid runs (first seed), in the order they run."""
         return [Run(row, lr, self.args.seeds[0]) for lr in self.args.rates[row]]
 
+    def curve_runs(self, row):
+        """A row's extra curve-only runs (first seed)."""
+        return [Run(row, lr, self.args.seeds[0]) for lr in self.args.curves.get(row, [])]
+
     def summary(self, name):
         return read_json(self.work / "evals" / name / self.summary_file)
 
@@ -639,7 +669,7 @@ class Pipeline:
     def run(self):
         self.setup()
         for row in self.args.rows:
-            for run in self.runs_of(row):
+            for run in [*self.runs_of(row), *self.curve_runs(row)]:
                 self.unlearn_and_evaluate(run)
         for row in self.args.rows:
             for run in self.seed_runs(row):
@@ -679,10 +709,12 @@ class Pipeline:
         lr, why = self.selected(row)
         out["learning_rate"], out["selection"] = lr, why
         out["lr_grid"] = []
-        for r in grid:
+        curve = [r for r in self.curve_runs(row) if self.done(r)]
+        for r in sorted([*grid, *curve], key=lambda r: r.lr):
             m = self.metrics(r.name, tokenizer)
             m.pop("sample_generation")
-            out["lr_grid"].append({"learning_rate": r.lr, "selected": r.lr == lr, **m})
+            point = {"learning_rate": r.lr, "in_grid": r in grid, "selected": r.lr == lr}
+            out["lr_grid"].append({**point, **m})
         runs = [r for r in self.seed_runs(row) if self.done(r)]
         per_seed = [{"seed": r.seed, **self.metrics(r.name, tokenizer)} for r in runs]
         out["sample_generation"] = per_seed[0].pop("sample_generation")
@@ -1048,14 +1080,16 @@ def markdown(result, columns, matching_key, title, notes=(), script=Path(__file_
         lines.append(f"\n{name}: {method} with `{' '.join(overrides)}`.")
     lines += ["", f"![{grid_keys[1]} vs {grid_keys[0]}]({result['name']}.png)", ""]
     lines += [
-        f"## Learning-rate grid (seed {s['seeds'][0]}; **bold**: selected)",
+        f"## Learning-rate grid (seed {s['seeds'][0]}; **bold**: selected; *italic*: a curve-only "
+        "rate, never a candidate)",
         "",
         "| model | lr | " + " | ".join(grid_keys) + " |",
         "|---|---|" + "---|" * len(grid_keys),
     ]
     for row in result["rows"]:
         for g in row.get("lr_grid", []):
-            lr = f"**{fmt(g['learning_rate'])}**" if g["selected"] else fmt(g["learning_rate"])
+            lr = fmt(g["learning_rate"])
+            lr = f"**{lr}**" if g["selected"] else lr if g.get("in_grid", True) else f"*{lr}*"
             values = " | ".join(fmt(g.get(k)) for k in grid_keys)
             lines.append(f"| {row['name']} | {lr} | {values} |")
     for c in result.get("equal_forgetting") or []:
@@ -1151,7 +1185,11 @@ def plot_rows(rows, path, x, y, title, xlog=False):
         if row.get(x[0]) is None or row.get(y[0]) is None:
             continue
         color = "grey" if row["kind"] == "reference" else colors(i % 10)
-        grid = [(g[x[0]], g[y[0]]) for g in row.get("lr_grid", []) if g.get(x[0]) is not None]
+        grid = [
+            (g[x[0]], g[y[0]])
+            for g in row.get("lr_grid", [])
+            if g.get(x[0]) is not None and g.get("in_grid", True)
+        ]
         if len(grid) > 1:
             gx, gy = zip(*grid, strict=True)
             ax.plot(gx, gy, color=color, alpha=0.35, lw=1, marker=".", ms=5)
