@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from cli_support import unlearn
 from transformers import AutoModelForCausalLM
 
 from asu_simu_plugin.cli import main
@@ -16,31 +17,9 @@ from asu_simu_plugin.runner import RUN_FILE
 
 @pytest.mark.parametrize("method", ["asu", "simu", "sograddiff"])
 def test_unlearn_writes_a_plain_model_and_its_run_record(files, tmp_path, method):
-    model_dir, forget, retain = files
+    model_dir = files[0]
     out = tmp_path / method
-    code = main(
-        [
-            "unlearn",
-            "--method",
-            method,
-            "--model",
-            str(model_dir),
-            "--forget",
-            str(forget),
-            "--retain",
-            str(retain),
-            "--output",
-            str(out),
-            "--epochs",
-            "1",
-            "--lr",
-            "1e-3",
-            "--batch-size",
-            "2",
-            "--set",
-            "gamma=0.5",
-        ]
-    )
+    code = unlearn(files, out, "--set", "gamma=0.5", method=method)
     assert code == 0
     record = json.loads((out / RUN_FILE).read_text())
     assert record["method"] == method and record["method_args"] == {"gamma": 0.5}

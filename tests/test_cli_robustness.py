@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from cli_support import unlearn
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -29,32 +30,6 @@ def no_model_loading(monkeypatch):
         raise AssertionError("the model was loaded before the arguments were checked")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
-
-
-def unlearn(files, output, *extra, method="asu"):
-    model_dir, forget, retain = files
-    return main(
-        [
-            "unlearn",
-            "--method",
-            method,
-            "--model",
-            str(model_dir),
-            "--forget",
-            str(forget),
-            "--retain",
-            str(retain),
-            "--output",
-            str(output),
-            "--epochs",
-            "1",
-            "--lr",
-            "1e-3",
-            "--batch-size",
-            "2",
-            *extra,
-        ]
-    )
 
 
 def one_error_line(capsys) -> str:
