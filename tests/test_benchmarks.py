@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
+from benchmark_support import WordTokenizer, fake_harness, load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_TOFU = ROOT.parent / "shared" / "data" / "locuslab" / "TOFU"
 
 
 def load_pipeline():
-    spec = importlib.util.spec_from_file_location(
-        "tofu_mini_run", ROOT / "benchmarks/tofu_mini/run.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-class WordTokenizer:
-    def tokenize(self, text):
-        return text.split()
+    return load_benchmark("tofu_mini")
 
 
 def test_token_entropy_matches_hand_computation():
@@ -41,9 +29,7 @@ def test_token_entropy_matches_hand_computation():
 
 
 def fake_tree(tmp_path):
-    harness = tmp_path / "ou"
-    (harness / "src").mkdir(parents=True)
-    (harness / "src" / "train.py").write_text("")
+    harness = fake_harness(tmp_path)
     data = tmp_path / "data"
     (data / "locuslab" / "TOFU").mkdir(parents=True)
     (data / "locuslab" / "TOFU" / "forget01.json").write_text("{}\n")
@@ -223,9 +209,7 @@ def test_mini_tofu_folder_loads_offline_with_datasets(tmp_path):
     from datasets import load_dataset
 
     run = load_pipeline()
-    harness = tmp_path / "ou"
-    (harness / "src").mkdir(parents=True)
-    (harness / "src" / "train.py").write_text("")
+    harness = fake_harness(tmp_path)
     args = run.parse_args(
         [
             *("--data", str(SHARED_TOFU.parents[1]), "--work", str(tmp_path / "w")),

@@ -3,31 +3,19 @@ its rows and the report it builds on TOFU-mini's."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
+from benchmark_support import WordTokenizer, fake_harness, load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_MUSE = ROOT.parent / "shared" / "data" / "muse-bench" / "MUSE-News"
 
 
 def load_pipeline():
-    spec = importlib.util.spec_from_file_location(
-        "muse_mini_run", ROOT / "benchmarks/muse_mini/run.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def fake_harness(tmp_path):
-    harness = tmp_path / "ou"
-    (harness / "src").mkdir(parents=True)
-    (harness / "src" / "train.py").write_text("")
-    return harness
+    return load_benchmark("muse_mini")
 
 
 def test_covering_articles_finds_cut_and_whole_paragraphs():
@@ -88,11 +76,6 @@ def test_method_table_and_scaled_rates(tmp_path):
     assert "retain_split=forget_2" in data and not any(o.startswith("holdout") for o in data)
     with pytest.raises(SystemExit):
         run.parse_args(["--data", str(tmp_path), *base[2:]])
-
-
-class WordTokenizer:
-    def tokenize(self, text):
-        return text.split()
 
 
 def test_report_selects_lowest_verbmem_and_aggregates_seeds(tmp_path):
