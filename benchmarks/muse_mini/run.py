@@ -394,12 +394,7 @@ class Pipeline(tofu.Pipeline):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    pipeline = Pipeline(args)
-    if args.report_only:
-        pipeline.report()
-    else:
-        pipeline.run()
+    tofu.main(argv, parse_args, Pipeline)
 
 
 if __name__ == "__main__":

@@ -1248,35 +1248,10 @@ def plot_equal_forgetting(rows, comparisons, path, matching_key):
     plt.close(fig)
 
 
-def scatter(rows, path, x, y, title, xlog=False):
-    """One point per row at (row[x key], row[y key]), coloured by kind; x, y = (key, label)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colors = {"reference": "grey", "harness": "tab:blue", "ours": "tab:red"}
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    for row in rows:
-        vx, vy = row.get(x[0]), row.get(y[0])
-        if vx is None or vy is None:
-            continue
-        ax.scatter(vx, vy, color=colors[row["kind"]], s=40)
-        ax.annotate(row["name"], (vx, vy), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    if xlog:
-        ax.set_xscale("log")
-    ax.set_xlabel(x[1])
-    ax.set_ylabel(y[1])
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    pipeline = Pipeline(args)
+def main(argv=None, parse=parse_args, pipeline_class=Pipeline):
+    """Run the benchmark (or, with --report-only, report what has finished)."""
+    args = parse(argv)
+    pipeline = pipeline_class(args)
     if args.report_only:
         pipeline.report()
     else:
