@@ -64,6 +64,7 @@ def test_rows_rates_and_bad_options(tmp_path):
         ["--utility-floor", "1.5"],
         ["--variant", "X=Unknown:a=b"],
         ["--lr", "Nope=1"],
+        ["--lr", "SIMU=1e-4,2e-4"],  # one rate per row
         ["--curve", "SimNPO=1e-4"],
         ["--curve", "SIMU=x"],
     ):

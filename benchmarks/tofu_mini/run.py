@@ -238,7 +238,10 @@ def finish_run_arguments(p, args, methods):
         method, _, value = item.partition("=")
         if method not in args.rows:
             p.error(f"--lr {item}: {method!r} is not a row; rows: {', '.join(args.rows)}")
-        args.rates[method] = number_list(p, "--lr", value, float)[:1]
+        rates = number_list(p, "--lr", value, float)
+        if len(rates) != 1:
+            p.error(f"--lr {item}: one rate per row (a grid for all rows is --grid)")
+        args.rates[method] = rates
     args.seeds = number_list(p, "--seeds", args.seeds, int)
     args.curves = {r: lrs for r, lrs in args.default_curves.items() if r in args.rows}
     for item in args.curve:
@@ -708,18 +711,17 @@ class Pipeline:
             return None
         lr, why = self.selected(row)
         out["learning_rate"], out["selection"] = lr, why
-        out["lr_grid"] = []
         curve = [r for r in self.curve_runs(row) if self.done(r)]
-        for r in sorted([*grid, *curve], key=lambda r: r.lr):
-            m = self.metrics(r.name, tokenizer)
-            m.pop("sample_generation")
-            point = {"learning_rate": r.lr, "in_grid": r in grid, "selected": r.lr == lr}
-            out["lr_grid"].append({**point, **m})
         runs = [r for r in self.seed_runs(row) if self.done(r)]
-        per_seed = [{"seed": r.seed, **self.metrics(r.name, tokenizer)} for r in runs]
-        out["sample_generation"] = per_seed[0].pop("sample_generation")
-        for entry in per_seed[1:]:
-            entry.pop("sample_generation")
+        # each run scored once: the selected rate's first seed is both a grid point and a seed
+        metrics = {r: self.metrics(r.name, tokenizer) for r in {*grid, *curve, *runs}}
+        samples = {r: metrics[r].pop("sample_generation") for r in metrics}
+        out["lr_grid"] = [
+            {"learning_rate": r.lr, "in_grid": r in grid, "selected": r.lr == lr, **metrics[r]}
+            for r in sorted([*grid, *curve], key=lambda r: r.lr)
+        ]
+        per_seed = [{"seed": r.seed, **metrics[r]} for r in runs]
+        out["sample_generation"] = samples[runs[0]]
         out.update(aggregate(per_seed))
         out["unlearn_seconds"] = statistics.mean(
             read_json(self.marker(f"unlearn_{r.name}"))["seconds"] for r in runs
