@@ -93,6 +93,22 @@ def test_select_rate_rule():
     assert lr == 1e-5 and "no rate kept" in why
 
 
+def finish_run(work, name, fq, mu, prob, answers):
+    """What a finished unlearning run and its evaluation leave in the work folder."""
+    import json
+
+    evals = work / "evals" / name
+    evals.mkdir(parents=True)
+    summary = {"forget_quality": fq, "model_utility": mu, "forget_Q_A_Prob": prob}
+    (evals / "TOFU_SUMMARY.json").write_text(json.dumps(summary))
+    items = {str(i): {"input": "q", "generation": g} for i, g in enumerate(answers)}
+    per_item = {"forget_Q_A_ROUGE": {"value_by_index": items}}
+    (evals / "TOFU_EVAL.json").write_text(json.dumps(per_item))
+    for stage in ("eval", "unlearn"):
+        marker = {"seconds": 10.0, "finished": f"{name}"}
+        (work / "stages" / f"{stage}_{name}.json").write_text(json.dumps(marker))
+
+
 def test_report_aggregates_seeds_and_compares_at_equal_forgetting(tmp_path):
     """A finished work folder made by hand: the report's selection, {mean, std}, matching."""
     import json
@@ -109,17 +125,8 @@ def test_report_aggregates_seeds_and_compares_at_equal_forgetting(tmp_path):
     data_marker = {"forget01": 40, "seconds": 0.0, "finished": "0"}
     (work / "stages" / "data.json").write_text(json.dumps(data_marker))
 
-    def finish(name, fq, mu, prob, answers):
-        evals = work / "evals" / name
-        evals.mkdir(parents=True)
-        summary = {"forget_quality": fq, "model_utility": mu, "forget_Q_A_Prob": prob}
-        (evals / "TOFU_SUMMARY.json").write_text(json.dumps(summary))
-        items = {str(i): {"input": "q", "generation": g} for i, g in enumerate(answers)}
-        per_item = {"forget_Q_A_ROUGE": {"value_by_index": items}}
-        (evals / "TOFU_EVAL.json").write_text(json.dumps(per_item))
-        for stage in ("eval", "unlearn"):
-            marker = {"seconds": 10.0, "finished": f"{name}"}
-            (work / "stages" / f"{stage}_{name}.json").write_text(json.dumps(marker))
+    def finish(*values):
+        finish_run(work, *values)
 
     finish("retain", None, 0.38, 0.1, ["a b"])
     finish("target", 0.03, 0.40, 0.9, ["a b"])
@@ -242,3 +249,84 @@ def test_mini_tofu_folder_loads_offline_with_datasets(tmp_path):
     assert not set(questions("forget01")) & set(unlearn_retain)
     retain_eval = load_dataset(folder, name="retain_perturbed", split="train", cache_dir=cache)
     assert "perturbed_answer" in retain_eval.column_names
+
+
+def test_asu_rows_teacher_is_read_from_their_first_run_and_scored(tmp_path):
+    """τ/layers of an ASU row's teacher: the saved config, `auto` resolved by the logged choice;
+    its evaluation is the tempered target; the report lists it beside the row."""
+    import json
+
+    import yaml
+
+    run = load_pipeline()
+    args = run.parse_args(
+        [*fake_tree(tmp_path), "--methods", "NPO", "ASU", "ASU_tau2.3", "--grid", "1e-4"]
+        + ["--headline", "--out", str(tmp_path / "out")]
+    )
+    pipeline = run.Pipeline(args)
+    work = pipeline.work
+
+    def first_run(row, handler, tau, layers, chosen=None):
+        folder = work / "unlearn" / pipeline.runs_of(row)[0].name
+        (folder / ".hydra").mkdir(parents=True)
+        trainer = {"handler": handler, "method_args": {"temperature": tau, "layers": layers}}
+        (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"trainer": trainer}))
+        if chosen:  # what temperature: auto leaves beside the model
+            (folder / "asu_temperature.json").write_text(json.dumps(chosen))
+            for ext in ("csv", "png"):
+                (folder / f"asu_tau_sweep.{ext}").write_text("sweep")
+
+    assert pipeline.teacher_setting("ASU") is None  # not run yet
+    first_run("NPO", "NPO", None, None)
+    first_run("ASU_tau2.3", "ASU", 2.3, None)
+    chosen = {"temperature": 4.0, "layers": list(range(20, 30)), "layers_label": "20-29"}
+    chosen["reason"] = "rule"
+    first_run("ASU", "ASU", "auto", "auto", chosen)
+    assert pipeline.teacher_setting("NPO") is None
+    assert pipeline.teacher_setting("ASU_tau2.3") == (2.3, None)
+    assert pipeline.teacher_setting("ASU") == (4.0, list(range(20, 30)))
+
+    calls = []
+    pipeline.harness = lambda stage, script, overrides: calls.append((stage, script, overrides))
+    (work / "models" / "target").mkdir(parents=True)
+    (work / "models" / "target" / "config.json").write_text('{"num_hidden_layers": 30}')
+    record = pipeline.evaluate_teacher("ASU")
+    ((stage, script, overrides),) = calls
+    assert (stage, script) == ("eval_teacher_ASU", "eval.py")
+    assert [o for o in overrides if o.startswith("experiment=")] == [
+        "experiment=eval/tofu/asu_teacher"
+    ]
+    assert "model.model_args.temperature=4.0" in overrides
+    assert "model.model_args.temperature_layers=[20,21,22,23,24,25,26,27,28,29]" in overrides
+    assert (
+        f"model.model_args.pretrained_model_name_or_path={work / 'models' / 'target'}" in overrides
+    )
+    assert record == {k: chosen[k] for k in ("temperature", "layers", "layers_label")}
+    calls.clear()
+    assert pipeline.evaluate_teacher("ASU_tau2.3")["layers_label"] == "all"
+    assert "model.model_args.temperature_layers=null" in calls[0][2]
+
+    data_marker = {"forget01": 40, "seconds": 0.0, "finished": "0"}
+    (work / "stages" / "data.json").write_text(json.dumps(data_marker))
+    for name, fq, mu, prob in [
+        ("retain", None, 0.38, 0.1),
+        ("target", 0.03, 0.40, 0.9),
+        ("NPO_lr0.0001_s0", 0.2, 0.39, 0.5),
+        ("ASU_lr0.0001_s0", 0.1, 0.40, 0.6),
+        ("teacher_ASU", 0.05, 0.37, 0.55),
+    ]:
+        finish_run(work, name, fq, mu, prob, ["a b"])
+    (work / "stages" / "eval_teacher_ASU.json").write_text(
+        json.dumps({**record, "seconds": 5.0, "finished": "1"})
+    )
+    pipeline.tokenizer = WordTokenizer
+    pipeline.report()
+    result = json.loads((tmp_path / "out" / "tofu_mini.json").read_text())
+    names = [row["name"] for row in result["rows"]]
+    assert names == ["retain", "target", "NPO", "ASU", "ASU teacher"]  # ASU_tau2.3 unfinished
+    teacher = result["rows"][-1]
+    assert teacher["kind"] == "teacher" and teacher["teacher_of"] == "ASU"
+    assert teacher["forget_Q_A_Prob"] == {"mean": 0.55, "std": None}
+    assert teacher["layers_label"] == "20-29" and teacher["temperature"] == 4.0
+    md = (tmp_path / "out" / "tofu_mini.md").read_text()
+    assert "| *ASU teacher: τ 4, layers 20-29* | – | 1 | 0.050 |" in md

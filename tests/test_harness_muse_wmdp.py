@@ -146,6 +146,42 @@ def test_muse_asu_presets_compose_per_split(split):
     assert trainer["args"]["lr_scheduler_type"] == "constant"  # the harness's MUSE schedule
 
 
+@pytest.mark.parametrize(
+    ("experiment", "model", "summary_metric"),
+    [
+        ("eval/muse/asu_teacher", "Llama-2-7b-hf", "forget_verbmem_ROUGE"),
+        ("eval/tofu/asu_teacher", "SmolLM2-135M-Instruct", "forget_quality"),
+    ],
+)
+def test_teacher_evaluations_keep_the_tempered_handler_under_a_model_choice(
+    experiment, model, summary_metric
+):
+    """What the mini benchmarks run to score an ASU row's teacher: a `model=` choice on the
+    command line must not drop the experiment's model handler or its temperature settings."""
+    import yaml
+
+    result = run_harness(
+        "eval.py",
+        [
+            f"experiment={experiment}",
+            f"model={model}",
+            "model.model_args.temperature=4.0",
+            "model.model_args.temperature_layers=[20,21]",
+            "task_name=compose",
+            "--cfg",
+            "job",
+        ],
+        timeout=300,
+    )
+    printed = "\n".join(line for line in result.stdout.splitlines() if not line.startswith("["))
+    config = yaml.safe_load(printed)
+    assert config["model"]["model_handler"] == "TemperedCausalLM"
+    assert config["model"]["model_args"]["temperature"] == 4.0
+    assert config["model"]["model_args"]["temperature_layers"] == [20, 21]
+    (benchmark,) = config["eval"].values()  # the experiment's own metrics, unchanged
+    assert summary_metric in benchmark["metrics"]
+
+
 @pytest.mark.parametrize("retain_loss_type", ["NLL", "KL"])
 def test_muse_news_asu_trains_with_the_news_preset(
     tiny_model, tmp_path, trainer_settings, retain_loss_type

@@ -187,6 +187,7 @@ class Pipeline(tofu.Pipeline):
     model_config = "Llama-2-7b-hf"  # MUSE's base-model template: "Question: … Answer: …"
     methods = METHODS
     script = Path(__file__)
+    teacher_experiment = "eval/muse/asu_teacher"
     summary_file = "MUSE_SUMMARY.json"
     columns = COLUMNS
     selection = SELECTION

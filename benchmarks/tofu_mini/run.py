@@ -21,6 +21,9 @@ resumes at the stage it was in; `--redo STAGE` forces one again):
                    seed), then the --headline rows at every --seeds seed at the rate selected by
                    one rule (select_rate); runs are named <row>_lr<LR>_s<SEED>
   eval_<run>       src/eval.py on the unlearned model
+  eval_teacher_<row>  for an ASU row, after its grid: the target scored as that row's
+                   forget-teacher (experiment=eval/tofu/asu_teacher at the τ and layers its first
+                   run used), the forgetting that distilling from it can reach
   (report)         <out>/<name>.md, .json and .png; token entropy of the forget generations
 
 Every harness call is logged to `<work>/logs/<stage>.log`. All sizes are arguments.
@@ -31,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import functools
 import importlib.util
 import itertools
 import json
@@ -74,6 +78,7 @@ EQUAL_FORGETTING = [("SIMU", "SOGradDiff")]
 # one above the grid for both, so that the curves overlap; never candidates for the selected rate
 CURVES = {"SOGradDiff": [2e-5, 5e-4], "SIMU": [2e-5, 5e-4]}
 HARNESS_FINETUNE_LR = 1e-5  # configs/experiment/finetune/tofu/default.yaml
+TEACHER_KEYS = ("temperature", "layers", "layers_label")  # of an ASU row's forget-teacher
 OURS = {"ASU", "ASU_tau2.3", "ASU_KL", "SOGradDiff", "SIMU"}
 # the selection rule's scores: (utility key, forget key), both higher = better; a third item -1
 # marks a forget score where lower is better (e.g. a ROUGE on the forget set)
@@ -333,6 +338,9 @@ class Pipeline:
     # pairs compared at equal forgetting, matched on this forget score (lower = more forgotten)
     equal_forgetting = EQUAL_FORGETTING
     matching_key = ("forget_Q_A_Prob", "forget probability")
+    # scores an ASU row's forget-teacher (the target with that row's attention temperature) with
+    # the same evaluation; None where no such experiment exists
+    teacher_experiment = "eval/tofu/asu_teacher"
 
     def __init__(self, args):
         self.args = args
@@ -617,6 +625,49 @@ class Pipeline:
         )
         return {"learning_rate": run.lr, "seed": run.seed}
 
+    def teacher_setting(self, row):
+        """(τ, layer ids or None for all) of the forget-teacher an ASU row distils from, read from
+        its first grid run: the saved config and, for `auto`, the choice logged beside the model.
+        None for other rows, or before that run."""
+        import yaml
+
+        folder = self.work / "unlearn" / self.runs_of(row)[0].name
+        config = folder / ".hydra" / "config.yaml"
+        if not self.teacher_experiment or not config.is_file():
+            return None
+        trainer = yaml.safe_load(config.read_text())["trainer"]
+        if trainer.get("handler") != "ASU":
+            return None
+        tau, layers = (trainer["method_args"].get(key) for key in ("temperature", "layers"))
+        if "auto" in (tau, layers):
+            chosen = read_json(folder / "asu_temperature.json")
+            tau = chosen["temperature"] if tau == "auto" else tau
+            layers = chosen["layers"] if layers == "auto" else layers
+        return float(tau), None if layers is None else [int(i) for i in layers]
+
+    def evaluate_teacher(self, row):
+        """The target scored as ASU row `row`'s teacher: how far distilling from it can forget."""
+        from asu_simu_plugin.tau_sweep import layers_label
+
+        tau, layers = self.teacher_setting(row)
+        stage, name = f"eval_teacher_{row}", f"teacher_{row}"
+        target = self.work / "models" / "target"
+        overrides = [
+            f"experiment={self.teacher_experiment}",
+            *[
+                o
+                for o in self.eval_overrides(target, name, True)
+                if not o.startswith("experiment=")
+            ],
+            f"model.model_args.temperature={tau}",
+            "model.model_args.temperature_layers="
+            + ("null" if layers is None else f"[{','.join(map(str, layers))}]"),
+        ]
+        self.harness(stage, "eval.py", overrides)
+        depth = read_json(target / "config.json")["num_hidden_layers"]
+        label = "all" if layers is None else layers_label(layers, depth)
+        return {"temperature": tau, "layers": layers, "layers_label": label}
+
     # -- the plan: every row's grid at the first seed, then the headline rows' other seeds --------
     def runs_of(self, row):
         """A row's grid runs (first seed), in the order they run."""
@@ -674,6 +725,8 @@ class Pipeline:
         for row in self.args.rows:
             for run in [*self.runs_of(row), *self.curve_runs(row)]:
                 self.unlearn_and_evaluate(run)
+            if self.teacher_setting(row):
+                self.run_stage(f"eval_teacher_{row}", functools.partial(self.evaluate_teacher, row))
         for row in self.args.rows:
             for run in self.seed_runs(row):
                 self.unlearn_and_evaluate(run)
@@ -743,6 +796,12 @@ class Pipeline:
         }
         return {**row, **aggregate([{"seed": self.args.seeds[0], **metrics}])}
 
+    def teacher_row(self, row, tokenizer):
+        """ASU row `row`'s forget-teacher (the target, tempered), scored like the models."""
+        setting = pick(read_json(self.marker(f"eval_teacher_{row}")), *TEACHER_KEYS)
+        out = self.reference_row(f"teacher_{row}", tokenizer)
+        return {**out, "name": f"{row} teacher", "kind": "teacher", "teacher_of": row, **setting}
+
     def tokenizer(self):
         from transformers import AutoTokenizer
 
@@ -755,7 +814,11 @@ class Pipeline:
         a = self.args
         tokenizer = self.tokenizer()
         rows = [self.reference_row(name, tokenizer) for name in ("retain", "target")]
-        rows += [r for r in (self.report_row(row, tokenizer) for row in a.rows) if r]
+        for name in a.rows:
+            row = self.report_row(name, tokenizer)
+            rows += [row] if row else []
+            if self.marker(f"eval_teacher_{name}").exists():
+                rows.append(self.teacher_row(name, tokenizer))
         by_name = {row["name"]: row for row in rows}
         comparisons = [
             equal_forgetting(by_name[x], by_name[y], self.matching_key[0], self.selection[0])
@@ -1072,6 +1135,8 @@ def markdown(result, columns, matching_key, title, notes=(), script=Path(__file_
         label = row["name"] + (" (ours)" if row["kind"] == "ours" else "")
         if row["kind"] == "reference":
             label = f"*{row['name']} model*"
+        if row["kind"] == "teacher":  # the target with the row's attention temperature
+            label = f"*{row['name']}: τ {row['temperature']:g}, layers {row['layers_label']}*"
         cells = [cell(row.get(key)) for _, key, _ in columns]
         lines.append(
             f"| {label} | {fmt(row.get('learning_rate'))} | {len(row['seeds'])} | "
@@ -1180,7 +1245,7 @@ def plot_rows(rows, path, x, y, title, xlog=False):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    markers = {"reference": "s", "harness": "o", "ours": "*"}
+    markers = {"reference": "s", "teacher": "D", "harness": "o", "ours": "*"}
     fig, ax = plt.subplots(figsize=(7.2, 5.0))
     colors = plt.get_cmap("tab10")
     for i, row in enumerate(rows):
