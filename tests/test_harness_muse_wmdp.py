@@ -119,6 +119,15 @@ def logged(out, key):
     return [line[key] for line in history if key in line]
 
 
+def printed_config(result):
+    """The config a `--cfg job` harness run printed, without the log lines deepspeed writes to
+    stdout on import."""
+    import yaml
+
+    printed = "\n".join(line for line in result.stdout.splitlines() if not line.startswith("["))
+    return yaml.safe_load(printed)
+
+
 @pytest.mark.parametrize("split", ["News", "Books"])
 def test_muse_asu_presets_compose_per_split(split):
     result = run_harness(
@@ -134,11 +143,7 @@ def test_muse_asu_presets_compose_per_split(split):
         ],
         timeout=300,
     )
-    import yaml
-
-    # the config printed by --cfg, without the log lines deepspeed writes to stdout on import
-    printed = "\n".join(line for line in result.stdout.splitlines() if not line.startswith("["))
-    trainer = yaml.safe_load(printed)["trainer"]
+    trainer = printed_config(result)["trainer"]
     temperature, gamma = MUSE_PRESETS[split]
     assert trainer["handler"] == "ASU"
     assert trainer["method_args"]["temperature"] == temperature
@@ -158,8 +163,6 @@ def test_teacher_evaluations_keep_the_tempered_handler_under_a_model_choice(
 ):
     """What the mini benchmarks run to score an ASU row's teacher: a `model=` choice on the
     command line must not drop the experiment's model handler or its temperature settings."""
-    import yaml
-
     result = run_harness(
         "eval.py",
         [
@@ -173,8 +176,7 @@ def test_teacher_evaluations_keep_the_tempered_handler_under_a_model_choice(
         ],
         timeout=300,
     )
-    printed = "\n".join(line for line in result.stdout.splitlines() if not line.startswith("["))
-    config = yaml.safe_load(printed)
+    config = printed_config(result)
     assert config["model"]["model_handler"] == "TemperedCausalLM"
     assert config["model"]["model_args"]["temperature"] == 4.0
     assert config["model"]["model_args"]["temperature_layers"] == [20, 21]
