@@ -15,11 +15,19 @@ Safe loading. Resuming reads `optimizer.pt`, `scheduler.pt`, `rng_state*.pth`, `
 torch < 2.6 (or with TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD), so a planted checkpoint could run code.
 `weights_only_loading()` makes every such read `weights_only=True`, allowing only the numpy
 types of the RNG state (what transformers >= 4.50 allows).
+
+Clean exit. A process group left open to interpreter shutdown lets gloo's worker thread free a
+finished collective's tensors after Python stopped serving the GIL, which aborts a rank at random
+("terminate called without an active exception", SIGABRT) after the model was saved, so a good
+run exits non-zero. `close_distributed()` closes it; scripts that never do (the harness's
+`src/train.py`) get it closed at exit once training succeeded (`TrainerCompatMixin.train`).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import gc
 import math
 import pickle
 
@@ -205,3 +213,29 @@ def weights_only_loading():
             yield
     finally:
         torch.load = original
+
+
+def close_distributed(barrier: bool = True) -> None:
+    """Tear down the process group a torchrun / accelerate launch opened.
+
+    Call it after the trainer is released; `barrier` waits until every rank got here first.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    gc.collect()  # drop trainer/DDP references so the group really closes below
+    if barrier:
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def _close_distributed_at_exit() -> None:
+    close_distributed(barrier=False)
+
+
+def close_distributed_at_exit() -> None:
+    """Close the process group when the interpreter exits, while Python still runs (atexit), for
+    scripts that never close it. Without a barrier: by then this rank ran every collective of
+    the script, and a rank that failed must not leave the others waiting at exit."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        atexit.unregister(_close_distributed_at_exit)  # registered once however often we train
+        atexit.register(_close_distributed_at_exit)

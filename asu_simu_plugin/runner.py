@@ -6,7 +6,6 @@ keys), its tokenizer, and `asu_simu_run.json` with everything needed to reproduc
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import logging
@@ -442,18 +441,3 @@ def run_unlearning(
 
 def _rows(rows):
     return rows.rows if isinstance(rows, QADataset) else rows
-
-
-def close_distributed() -> None:
-    """Tear down the process group a torchrun launch opened, once every rank is done.
-
-    Call it after the trainer is released. Left to interpreter shutdown, gloo's worker
-    thread can free a finished collective's tensors after Python stopped serving the GIL,
-    which aborts the process ("terminate called without an active exception") after the
-    model was saved.
-    """
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    gc.collect()  # drop trainer/DDP references so the group really closes below
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()

@@ -158,7 +158,7 @@ def _main(argv) -> int:
     code = int(module.run(args) or 0)
     # Only after success: a failing rank must exit (torchrun then stops the others), not wait
     # at the closing barrier for ranks that never arrive.
-    from asu_simu_plugin.runner import close_distributed
+    from asu_simu_plugin.guards import close_distributed
 
     close_distributed()
     return code

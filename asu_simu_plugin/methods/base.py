@@ -16,7 +16,11 @@ import torch
 from transformers import Trainer
 
 from asu_simu_plugin import losses
-from asu_simu_plugin.guards import NonFiniteGuardMixin, weights_only_loading
+from asu_simu_plugin.guards import (
+    NonFiniteGuardMixin,
+    close_distributed_at_exit,
+    weights_only_loading,
+)
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "labels")
 RETAIN_LOSS_TYPES = ("NLL", "KL", "KL_ALL")
@@ -39,6 +43,8 @@ class TrainerCompatMixin(NonFiniteGuardMixin):
     - `tokenizer=` became `processing_class=` (4.46) and was removed (5.0).
     - `compute_loss` gained `num_items_in_batch` (4.46); bases that predate it get it dropped,
       bases that name it or take `**kwargs` get it.
+    - Distributed runs close their process group at exit once training succeeded (the harness's
+      `src/train.py` never does; gloo then aborts a rank at random after the model was saved).
     - Resuming: transformers < 4.50 reads optimizer, scheduler and RNG state with `torch.load`'s
       default (a full unpickler on torch < 2.6); every checkpoint read here is weights-only.
     """
@@ -68,6 +74,12 @@ class TrainerCompatMixin(NonFiniteGuardMixin):
     def _load_best_model(self, *args, **kwargs):
         with weights_only_loading():
             return super()._load_best_model(*args, **kwargs)
+
+    def train(self, *args, **kwargs):
+        output = super().train(*args, **kwargs)
+        # only after a training that succeeded on this rank (see guards.close_distributed)
+        close_distributed_at_exit()
+        return output
 
     @property
     def tokenizer_or_processor(self):

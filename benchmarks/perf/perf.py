@@ -550,7 +550,7 @@ def worker(spec: dict) -> None:
         trainer.train()
         rank = trainer.args.process_index
         del trainer
-    from asu_simu_plugin.runner import close_distributed
+    from asu_simu_plugin.guards import close_distributed
 
     close_distributed()
     if rank == 0:

@@ -8,6 +8,7 @@ parameter name). `"argmax_labels": true` replaces Sophia-G's label sampling by t
 runs with different process counts see the same labels.
 """
 
+import atexit
 import dataclasses
 import hashlib
 import json
@@ -19,7 +20,8 @@ from safetensors.torch import save_file
 from transformers import LlamaForCausalLM
 
 from asu_simu_plugin import toy
-from asu_simu_plugin.runner import RunSettings, build_trainer, close_distributed
+from asu_simu_plugin.guards import close_distributed
+from asu_simu_plugin.runner import RunSettings, build_trainer
 
 
 def digest(tensors) -> str:
@@ -82,8 +84,12 @@ def main(out: str, spec: dict) -> None:
     trainer = build_trainer(
         spec["method"], model, tokenizer, forget, retain, out, spec["method_args"], settings
     )
-    trainer.train()
     rank = int(os.environ.get("RANK", 0))
+    if spec.get("leave_group_open"):
+        # as the harness's src/train.py, which never closes its process group: record whether
+        # it is still open at exit, after the handlers `train()` registered (atexit is LIFO)
+        atexit.register(record_group_at_exit, os.path.join(out, f"exit{rank}.json"))
+    trainer.train()
     named, hessians, momenta = full_state(trainer)
     state = [t for name in sorted(hessians) for t in (momenta[name], hessians[name])]
     record = {
@@ -106,7 +112,13 @@ def main(out: str, spec: dict) -> None:
     if spec.get("save"):
         trainer.save_model(os.path.join(out, "model"))
     del trainer
-    close_distributed()
+    if not spec.get("leave_group_open"):
+        close_distributed()
+
+
+def record_group_at_exit(path: str) -> None:
+    with open(path, "w") as fh:
+        json.dump({"group_open": torch.distributed.is_initialized()}, fh)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -31,6 +33,21 @@ def test_gnb_ranks_end_identical(tmp_path, accumulation):
     assert ranks[0]["optimizer_state"] == ranks[1]["optimizer_state"]
     hessian_updates = [h["sophia/hessian_updates"] for h in ranks[0]["log_history"] if "loss" in h]
     assert hessian_updates == [1, 2, 3]
+
+
+def test_process_group_closed_at_exit_when_the_script_leaves_it_open(tmp_path):
+    """The harness's src/train.py never closes its process group; left to interpreter shutdown,
+    gloo aborts a rank at random after the model was saved. After a successful `train()` our
+    trainers close it at exit, before Python stops (checked by a handler that runs after)."""
+    spec = {
+        "method": "sograddiff",
+        "method_args": GNB_EVERY_STEP,
+        "settings": {"epochs": 1, "batch_size": 1, "learning_rate": 1e-3, "max_steps": 1},
+        "leave_group_open": True,
+    }
+    torchrun(tmp_path, spec)
+    at_exit = [json.loads((tmp_path / f"exit{r}.json").read_text()) for r in range(2)]
+    assert at_exit == [{"group_open": False}] * 2
 
 
 def test_gnb_hessian_of_two_processes_equals_one_process(tmp_path):
