@@ -99,15 +99,15 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data", required=True, type=Path, help="folder holding muse-bench/MUSE-News/")
     p.add_argument("--name", default="muse_mini", help="file stem of the report in --out")
-    p.add_argument("--verbmem-size", type=int, default=6, help="verbmem forget rows")
-    p.add_argument("--privleak-size", type=int, default=6, help="privleak forget/holdout rows")
-    p.add_argument("--knowmem-size", type=int, default=6, help="knowmem QA rows, each side")
-    p.add_argument("--retain-size", type=int, default=12, help="articles of sust/forget_2")
+    p.add_argument("--verbmem-size", type=int, default=3, help="verbmem forget rows")
+    p.add_argument("--privleak-size", type=int, default=3, help="privleak forget/holdout rows")
+    p.add_argument("--knowmem-size", type=int, default=3, help="knowmem QA rows, each side")
+    p.add_argument("--retain-size", type=int, default=6, help="articles of sust/forget_2")
     p.add_argument("--prompt-chars", type=int, default=1000, help="verbmem prompt tail kept")
     p.add_argument("--mia-chars", type=int, default=1500, help="privleak text head kept")
     p.add_argument("--max-length", type=int, default=512, help="training chunk tokens (2048)")
     p.add_argument("--finetune-epochs", type=float, default=3)
-    p.add_argument("--unlearn-epochs", type=float, default=2)
+    p.add_argument("--unlearn-epochs", type=float, default=1)
     p.add_argument(
         "--max-new-tokens",
         type=int,
@@ -118,12 +118,13 @@ def parse_args(argv=None):
     p.add_argument(
         "--simu-attribution-batches",
         type=int,
-        default=2,
+        default=1,
         help="forget batches SIMU attributes over (config: 64; the pass costs about 60\n"
         "forward/backward passes of them for this model, see TOFU-mini)",
     )
     tofu.add_run_arguments(p, METHODS, DEFAULT_METHODS, HEADLINE)
-    p.set_defaults(batch_size=4, grid=DEFAULT_GRID)
+    # one seed by default: the whole default run fits about 2 hours on 2 CPU cores
+    p.set_defaults(batch_size=4, grid=DEFAULT_GRID, seeds="0")
     args = p.parse_args(argv)
     muse = args.data / MUSE
     if not (muse / "raw" / "forget.json").is_file() or not (muse / "sust").is_dir():
