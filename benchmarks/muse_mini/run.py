@@ -7,7 +7,7 @@
 The TOFU-mini pipeline (benchmarks/tofu_mini/run.py: stage markers, harness calls, the SmolLM2
 model stage, the report) with MUSE's data, experiments and metrics, under the same fairness rules:
 every row runs the common --grid at the first seed and keeps the rate the same rule selects (here:
-the lowest verbmem forget ROUGE among the rates keeping knowmem retain ROUGE >= --utility-floor x
+the lowest verbmem forget ROUGE among the rates keeping verbmem retain ROUGE >= --utility-floor x
 the target's), then the --headline rows run at every --seeds seed (per-seed values and
 {mean, std} in the JSON, error bars in the PNG). Stages:
 
@@ -54,18 +54,23 @@ METHODS = {
 }
 DEFAULT_METHODS = ["GradDiff", "NPO", "ASU", "SIMU"]
 HEADLINE = ["GradDiff", "NPO", "ASU"]  # rows run with every --seeds seed
-# ten-fold around the methods' MUSE default (1e-5 x --finetune-lr / 1e-5 = 1e-4), wider than
-# TOFU-mini's grid: no run at this size has placed the rates yet
+# ten-fold up to the methods' MUSE default scaled to this target (1e-5 x --finetune-lr / 1e-5 =
+# 3e-4), wider than TOFU-mini's grid: no run at this size had placed the rates
 DEFAULT_GRID = "3e-5,1e-4,3e-4"
 OURS = {"ASU", "ASU_KL", "SIMU"}
 # The retain corpus stand-in, as ../shared/data/README.md documents it.
 RETAIN_STAND_IN = ["retain_split=forget_2", "data.retain.MUSE_retain.args.hf_args.name=sust"]
-# (utility key, forget key, -1: a lower verbmem forget ROUGE is more forgotten)
-SELECTION = ("retain_knowmem_ROUGE", "forget_verbmem_ROUGE", -1)
+# (utility key, forget key, -1: a lower verbmem forget ROUGE is more forgotten). The utility is
+# the verbmem test on the retain articles: MUSE's knowmem retain ROUGE is 0 for a 135M target and
+# retain model alike (their few-shot answers have the format but not the facts), so it cannot
+# tell a kept model from a broken one here.
+SELECTION = ("retain_verbmem_ROUGE", "forget_verbmem_ROUGE", -1)
+RETAIN_VERBMEM = "retain_verbmem"  # evals/<name>/retain_verbmem: the second harness call
 
 # report column: (title, key in MUSE_SUMMARY.json or computed here, higher is better?)
 COLUMNS = [
     ("verbmem forget", "forget_verbmem_ROUGE", False),
+    ("verbmem retain", "retain_verbmem_ROUGE", True),
     ("knowmem forget", "forget_knowmem_ROUGE", False),
     ("knowmem retain", "retain_knowmem_ROUGE", True),
     ("privleak", "privleak", None),
@@ -86,7 +91,9 @@ STAND_IN = (
 )
 METRICS = (
     "verbmem forget: ROUGE-L F1 of the continuation of forget-article prompts (lower = less "
-    "verbatim memory). knowmem forget / retain: ROUGE-L F1 of few-shot answers to questions "
+    "verbatim memory). verbmem retain: the same on the retain articles (the harness's verbmem "
+    "metric on `verbmem/retain`, prompts from their first halves; higher = kept), the utility "
+    "of the rate selection. knowmem forget / retain: ROUGE-L F1 of few-shot answers to questions "
     "about forget / retain articles. privleak: min-k% (k = 0.4) MIA AUC on privleak forget "
     "vs holdout texts, relative to the retain model's (0 = like the retain model; negative "
     "= the forget set still looks like training data). extraction strength: the harness's "
@@ -99,14 +106,14 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data", required=True, type=Path, help="folder holding muse-bench/MUSE-News/")
     p.add_argument("--name", default="muse_mini", help="file stem of the report in --out")
-    p.add_argument("--verbmem-size", type=int, default=3, help="verbmem forget rows")
-    p.add_argument("--privleak-size", type=int, default=3, help="privleak forget/holdout rows")
-    p.add_argument("--knowmem-size", type=int, default=3, help="knowmem QA rows, each side")
-    p.add_argument("--retain-size", type=int, default=6, help="articles of sust/forget_2")
+    p.add_argument("--verbmem-size", type=int, default=2, help="verbmem forget rows")
+    p.add_argument("--privleak-size", type=int, default=2, help="privleak forget/holdout rows")
+    p.add_argument("--knowmem-size", type=int, default=2, help="knowmem QA rows, each side")
+    p.add_argument("--retain-size", type=int, default=4, help="articles of sust/forget_2")
     p.add_argument("--prompt-chars", type=int, default=1000, help="verbmem prompt tail kept")
     p.add_argument("--mia-chars", type=int, default=1500, help="privleak text head kept")
     p.add_argument("--max-length", type=int, default=512, help="training chunk tokens (2048)")
-    p.add_argument("--finetune-epochs", type=float, default=3)
+    p.add_argument("--finetune-epochs", type=float, default=8)
     p.add_argument("--unlearn-epochs", type=float, default=1)
     p.add_argument(
         "--max-new-tokens",
@@ -123,8 +130,9 @@ def parse_args(argv=None):
         "forward/backward passes of them for this model, see TOFU-mini)",
     )
     tofu.add_run_arguments(p, METHODS, DEFAULT_METHODS, HEADLINE)
-    # one seed by default: the whole default run fits about 2 hours on 2 CPU cores
-    p.set_defaults(batch_size=4, grid=DEFAULT_GRID, seeds="0")
+    # the target must reproduce its forget articles (at 3 epochs of 1e-4 its verbmem ROUGE was
+    # the retain model's); one seed, so that the whole default run fits one sitting on 2 cores
+    p.set_defaults(batch_size=2, finetune_lr=3e-4, grid=DEFAULT_GRID, seeds="0")
     args = p.parse_args(argv)
     muse = args.data / MUSE
     if not (muse / "raw" / "forget.json").is_file() or not (muse / "sust").is_dir():
@@ -182,6 +190,38 @@ def head(text, chars):
         return text
     cut = text[:chars]
     return cut[: cut.rfind(" ")] if " " in cut else cut
+
+
+def retain_verbmem_overrides(overrides):
+    """An eval.py call's overrides turned into the retain-verbmem call's: the verbmem metric only
+    (its settings kept), on `verbmem/retain`, into <output>/retain_verbmem."""
+    m, verbmem = "eval.muse.metrics", "forget_verbmem_ROUGE"
+    out = []
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key.startswith(m + ".") and not key.startswith(f"{m}.{verbmem}."):
+            continue  # settings of the metrics this call leaves out
+        if key == "paths.output_dir":
+            value = str(Path(value) / RETAIN_VERBMEM)
+        elif key == "task_name":
+            value = f"{value}_{RETAIN_VERBMEM}"
+        elif key == "retain_logs_path":
+            value = "null"  # only privleak reads it
+        out.append(f"{key}={value}")
+    others = ["forget_knowmem_ROUGE", "retain_knowmem_ROUGE", "privleak", "extraction_strength"]
+    return [
+        *out,
+        *[f"~{m}.{metric}" for metric in others],
+        f"{m}.{verbmem}.datasets.MUSE_forget_verbmem.args.hf_args.split=retain",
+    ]
+
+
+def retain_verbmem(text, prompt_chars):
+    """A verbmem row of a retain article: the paragraphs up to its middle (their last
+    `prompt_chars` characters) as the prompt, the rest as the reference continuation."""
+    middle = text.rfind("\n", 0, len(text) // 2)
+    middle = middle if middle > 0 else text.rfind(" ", 0, len(text) // 2)
+    return {"prompt": tail(text[:middle].rstrip(), prompt_chars), "gt": text[middle:].strip()}
 
 
 class Pipeline(tofu.Pipeline):
@@ -251,6 +291,9 @@ class Pipeline(tofu.Pipeline):
             if not covering_articles(text, trained):
                 mia_holdout.append({"text": text})
         files = {
+            ("verbmem", "retain"): [
+                retain_verbmem(r["text"], a.prompt_chars) for r in retain_articles
+            ],
             ("knowmem", "forget_qa"): knowmem_forget,
             ("knowmem", "forget_qa_icl"): rows("knowmem", "forget_qa_icl"),
             ("knowmem", "retain_qa"): rows("knowmem", "retain_qa")[: a.knowmem_size],
@@ -300,6 +343,22 @@ class Pipeline(tofu.Pipeline):
             f"{m}.forget_verbmem_ROUGE.datasets.MUSE_forget_verbmem.args.max_length={n}",
             f"{m}.extraction_strength.datasets.MUSE_forget_verbmem.args.max_length={n}",
         ]
+
+    def harness(self, stage, script, overrides):
+        """Every evaluation is followed by the verbmem test on the retain articles: the same
+        harness call with only the verbmem metric, reading `verbmem/retain`, written to
+        evals/<name>/retain_verbmem."""
+        super().harness(stage, script, overrides)
+        if script == "eval.py":
+            super().harness(
+                f"{stage}_{RETAIN_VERBMEM}", script, retain_verbmem_overrides(overrides)
+            )
+
+    def summary(self, name):
+        out = super().summary(name)
+        retained = self.work / "evals" / name / RETAIN_VERBMEM / self.summary_file
+        verbmem = tofu.read_json(retained)["forget_verbmem_ROUGE"] if retained.is_file() else None
+        return {**out, "retain_verbmem_ROUGE": verbmem}
 
     def finetune(self, stage, train_name, output):
         a = self.args
