@@ -266,11 +266,12 @@ def test_asu_rows_teacher_is_read_from_their_first_run_and_scored(tmp_path):
     pipeline = run.Pipeline(args)
     work = pipeline.work
 
-    def first_run(row, handler, tau, layers, chosen=None):
+    def first_run(row, handler, tau, layers, chosen=None, **top):
         folder = work / "unlearn" / pipeline.runs_of(row)[0].name
         (folder / ".hydra").mkdir(parents=True)
         trainer = {"handler": handler, "method_args": {"temperature": tau, "layers": layers}}
-        (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"trainer": trainer}))
+        config = {"trainer": trainer, **top}
+        (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
         if chosen:  # what temperature: auto leaves beside the model
             (folder / "asu_temperature.json").write_text(json.dumps(chosen))
             for ext in ("csv", "png"):
@@ -278,7 +279,9 @@ def test_asu_rows_teacher_is_read_from_their_first_run_and_scored(tmp_path):
 
     assert pipeline.teacher_setting("ASU") is None  # not run yet
     first_run("NPO", "NPO", None, None)
-    first_run("ASU_tau2.3", "ASU", 2.3, None)
+    # as the harness saves MUSE's ASU config: τ still an interpolation into the presets
+    preset = {"presets": {"News": {"temperature": 2.3}}, "data_split": "News"}
+    first_run("ASU_tau2.3", "ASU", "${presets.${data_split}.temperature}", None, **preset)
     chosen = {"temperature": 4.0, "layers": list(range(20, 30)), "layers_label": "20-29"}
     chosen["reason"] = "rule"
     first_run("ASU", "ASU", "auto", "auto", chosen)

@@ -449,7 +449,7 @@ class Pipeline(tofu.Pipeline):
             rows,
             path,
             ("forget_verbmem_ROUGE", "verbmem forget ROUGE-L F1 (lower: forgotten)"),
-            ("retain_knowmem_ROUGE", "knowmem retain ROUGE-L F1 (higher: kept)"),
+            ("retain_verbmem_ROUGE", "verbmem retain ROUGE-L F1 (higher: kept)"),
             "MUSE-News mini, SmolLM2-135M-Instruct (mean ± std over seeds)",
         )
 

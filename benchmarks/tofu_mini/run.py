@@ -629,16 +629,18 @@ class Pipeline:
         """(τ, layer ids or None for all) of the forget-teacher an ASU row distils from, read from
         its first grid run: the saved config and, for `auto`, the choice logged beside the model.
         None for other rows, or before that run."""
-        import yaml
+        from omegaconf import OmegaConf
 
         folder = self.work / "unlearn" / self.runs_of(row)[0].name
         config = folder / ".hydra" / "config.yaml"
         if not self.teacher_experiment or not config.is_file():
             return None
-        trainer = yaml.safe_load(config.read_text())["trainer"]
+        trainer = OmegaConf.load(config).trainer
         if trainer.get("handler") != "ASU":
             return None
-        tau, layers = (trainer["method_args"].get(key) for key in ("temperature", "layers"))
+        # resolved: MUSE's configs take τ from a preset (`${asu_muse_presets.${data_split}...}`)
+        method_args = OmegaConf.to_container(trainer.method_args, resolve=True)
+        tau, layers = (method_args.get(key) for key in ("temperature", "layers"))
         if "auto" in (tau, layers):
             chosen = read_json(folder / "asu_temperature.json")
             tau = chosen["temperature"] if tau == "auto" else tau
