@@ -7,7 +7,7 @@ architecture means changing this file only.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -237,11 +237,6 @@ def is_no_decay_parameter(name: str, param: nn.Parameter) -> bool:
     """Norm weights and biases get no weight decay (the usual transformer convention)."""
     lowered = name.lower()
     return param.ndim < 2 or lowered.endswith(".bias") or "norm" in lowered
-
-
-def parameter_names(model: nn.Module, params: Sequence[nn.Parameter]) -> list[str]:
-    ids = {id(p): n for n, p in unwrap_model(model).named_parameters()}
-    return [ids[id(p)] for p in params]
 
 
 def sliding_window(model: nn.Module) -> int | None:

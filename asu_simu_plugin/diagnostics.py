@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from asu_simu_plugin.data import PadCollator, QADataset, prompt_and_answer_text
+from asu_simu_plugin.data import PadCollator, QADataset
 from asu_simu_plugin.losses import IGNORE_INDEX
 
 
@@ -38,26 +38,6 @@ def answer_probability(model, dataset: QADataset, pad_token_id: int, batch_size:
         counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1).clamp_min(1)
         probabilities += torch.exp(-nll.sum(dim=1) / counts).tolist()
     return sum(probabilities) / len(probabilities)
-
-
-@torch.no_grad()
-def greedy_answer(
-    model, tokenizer, question: str, system_prompt: str | None = None, max_new_tokens: int = 24
-) -> str:
-    """Greedy continuation of the prompt for `question`, decoded without special tokens."""
-    model.eval()
-    prompt, _ = prompt_and_answer_text(tokenizer, question, "", system_prompt)
-    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    ids = ids.to(next(model.parameters()).device)
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
 def end_token_ids(tokenizer, model=None, label_ids=()) -> list[int]:
@@ -139,15 +119,19 @@ def is_empty_answer(tokens: list[int], tokenizer=None) -> bool:
     return not tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
 
-def token_entropy(token_ids: list[int]) -> float:
-    """Entropy (nats) of the empirical token distribution of a generation: low = repetitive."""
-    if not token_ids:
+def token_entropy(token_ids) -> float:
+    """Normalised token entropy of a generated answer (the ASU paper's / "closer look" measure):
+    the entropy of its unigram token distribution divided by its maximum, log(n) for n tokens;
+    1 when no token repeats, 0 for a single token repeated (or n <= 1). Low = repetitive."""
+    ids = list(token_ids)
+    total = len(ids)
+    if total <= 1:
         return 0.0
     counts: dict[int, int] = {}
-    for token in token_ids:
+    for token in ids:
         counts[token] = counts.get(token, 0) + 1
-    total = len(token_ids)
-    return -sum(c / total * math.log(c / total) for c in counts.values())
+    entropy = -sum(c / total * math.log(c / total) for c in counts.values())
+    return entropy / math.log(total)
 
 
 def machine_info() -> dict:

@@ -18,16 +18,18 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+from asu_simu_plugin import registry
 from asu_simu_plugin.lora import SharedReferenceMixin
-from asu_simu_plugin.methods import METHODS, lazy_trainer_classes
 from asu_simu_plugin.methods.base import TrainerCompatMixin
 
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "OPEN_UNLEARNING_SRC"
-TRAINER_NAMES = tuple(METHODS)
-MODEL_HANDLERS = ("TemperedCausalLM", "LoRACausalLM")
-OPTIMIZER_NAMES = ("SophiaG",)
+# harness registry attribute and module, per kind of component (asu_simu_plugin.registry)
+COMPONENT_REGISTRIES = {
+    "model": ("MODEL_REGISTRY", "model"),
+    "optimizer": ("OPTIMIZER_REGISTRY", "trainer"),
+}
 
 
 class HarnessNotFoundError(ImportError):
@@ -95,11 +97,11 @@ def _bases() -> dict[str, type]:
     return {"GradDiff": grad_diff, "NPO": npo}
 
 
-# ASU, SIMU, SOGradDiff, SONPO on the harness's own bases (built on first access; these
+# Our methods on the harness's own bases (built on first access; these
 # `asu_simu_plugin.harness:<Name>` objects are what our `open_unlearning.trainers` entry points name).
 # SharedReferenceMixin: on a LoRA model the KL / NPO reference is the student's own base weights
 # with the adapters off, where the harness's `_prepare_ref_model` would deep-copy the model.
-__getattr__ = lazy_trainer_classes(
+__getattr__ = registry.lazy_trainer_classes(
     __name__, _bases, front=(TrainerCompatMixin, SharedReferenceMixin)
 )
 
@@ -123,25 +125,11 @@ def _register_into(registry: dict, name: str, obj) -> bool:
 def _plugin_objects():
     """(registry attribute, module, name, loader) for everything we offer to the harness."""
     module = sys.modules[__name__]
-    for name in TRAINER_NAMES:
-        yield "TRAINER_REGISTRY", "trainer", name, lambda name=name: getattr(module, name)
-    for name in MODEL_HANDLERS:
-        yield "MODEL_REGISTRY", "model", name, lambda name=name: _model_handler(name)
-    yield "OPTIMIZER_REGISTRY", "trainer", "SophiaG", _sophia
-
-
-def _model_handler(name: str):
-    from asu_simu_plugin import models
-
-    return getattr(models, name)
-
-
-def _sophia():
-    # A trainer that only calls step() would leave SophiaG's Hessian at 0 (sign momentum): the
-    # registry's SophiaG refreshes it from the loss gradient (grad2) unless told otherwise.
-    from asu_simu_plugin.optimizers import SophiaG
-
-    return SophiaG
+    for method in registry.harness_methods():
+        yield "TRAINER_REGISTRY", "trainer", method.name, lambda n=method.name: getattr(module, n)
+    for component in registry.components():
+        registry_name, module_name = COMPONENT_REGISTRIES[component.kind]
+        yield registry_name, module_name, component.name, component.load
 
 
 def register() -> list[str]:

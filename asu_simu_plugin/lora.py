@@ -98,9 +98,9 @@ class FrozenReference(nn.Module):
 class SharedReferenceMixin:
     """Trainer mixin: on a LoRA model the reference model is a `FrozenReference`, not a copy.
 
-    It sits in front of the harness's `GradDiff` / `NPO` (whose `_prepare_ref_model` deep-copies
-    the model) and of our standalone bases, so every trainer of ours builds its KL / NPO
-    reference and ASU's teacher from the shared base weights.
+    It sits in front of the harness's `GradDiff` / `NPO`, whose `_prepare_ref_model` deep-copies
+    the model (our standalone base does the same in its own `_prepare_ref_model`), so every
+    trainer of ours builds its KL / NPO reference and ASU's teacher from the shared base weights.
     """
 
     def _prepare_ref_model(self, model):

@@ -18,6 +18,7 @@ from __future__ import annotations
 from transformers import AutoModelForCausalLM
 
 from asu_simu_plugin.attention import attention_temperature
+from asu_simu_plugin.registry import register_component
 
 
 class TemperedCausalLM:
@@ -78,3 +79,7 @@ class LoRACausalLM:
             raise ValueError(f"lora_save={lora_save!r}; use one of {', '.join(lora.SAVE_MODES)}")
         model = AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         return lora.add_lora(model, config, save=lora_save)
+
+
+register_component("model", "TemperedCausalLM", f"{__name__}:TemperedCausalLM")
+register_component("model", "LoRACausalLM", f"{__name__}:LoRACausalLM")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from asu_simu_plugin import sophia
+from asu_simu_plugin.methods.sophia import optimizer as sophia
 
 HESSIAN_SOURCES = ("grad2",)
 

@@ -6,59 +6,78 @@ keys), its tokenizer, and `asu_simu_run.json` with everything needed to reproduc
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import platform
-import shutil
-import sys
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 import transformers
-from transformers import TrainerCallback, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers import TrainingArguments
 
 from asu_simu_plugin import __version__
 from asu_simu_plugin.data import ForgetRetainDataset, PadCollator, QADataset
-
-RUN_FILE = "asu_simu_run.json"
-RESUME_FILE = "asu_simu_resume.json"  # in each checkpoint folder: what run wrote it
+from asu_simu_plugin.output import (
+    RUN_FILE,
+    OutputPlan,
+    ResumeRecordCallback,
+    prepare_output,
+    run_identity,
+)
+from asu_simu_plugin.registry import get_method, methods
 
 logger = logging.getLogger(__name__)
 
-# Standalone methods: our trainers plus the harness's two classic baselines.
-STANDALONE_METHODS = {
-    "asu": "ASU",
-    "simu": "SIMU",
-    "sograddiff": "SOGradDiff",
-    "sonpo": "SONPO",
-    "graddiff": "StandaloneGradDiff",
-    "npo": "StandaloneNPO",
-}
+
+def standalone_methods() -> dict[str, str]:
+    """`--method` choice -> method name: every registered method (asu_simu_plugin.registry)."""
+    return {m.cli_name: m.name for m in methods().values()}
+
+
+def _setting(default, help: str, flag: str | None = None, check: str | None = None, **kwargs):
+    """A RunSettings field; `flag` / `check` (a `cli.checks` type) make it an `asu-simu unlearn`
+    flag, with `help`."""
+    return field(default=default, metadata={"help": help, "flag": flag, "check": check}, **kwargs)
 
 
 @dataclass
 class RunSettings:
-    """Training settings of a standalone run (the harness's `trainer.args` analogue)."""
+    """Training settings of a standalone run (the harness's `trainer.args` analogue); the fields
+    with a flag are `asu-simu unlearn`'s training flags, with these defaults."""
 
-    epochs: float = 5.0
-    learning_rate: float = 1e-5
-    batch_size: int = 4
-    gradient_accumulation_steps: int = 1
-    max_length: int = 512
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    lr_scheduler_type: str = "linear"
-    seed: int = 0
-    logging_steps: int = 5
-    save_strategy: str = "no"
-    system_prompt: str | None = None
-    extra: dict = field(default_factory=dict)  # any other TrainingArguments field
+    epochs: float = _setting(5.0, "training epochs", "--epochs", "positive_float")
+    learning_rate: float = _setting(1e-5, "learning rate", "--lr", "positive_float")
+    batch_size: int = _setting(
+        4, "forget (and retain) examples per step", "--batch-size", "positive_int"
+    )
+    gradient_accumulation_steps: int = _setting(
+        1, "gradient accumulation steps", "--grad-accum", "positive_int"
+    )
+    max_length: int = _setting(
+        512, "tokens per example (truncation)", "--max-length", "positive_int"
+    )
+    weight_decay: float = _setting(0.0, "AdamW/Sophia", "--weight-decay", "non_negative_float")
+    warmup_steps: int = _setting(0, "learning-rate warmup steps")
+    lr_scheduler_type: str = _setting("linear", "learning-rate schedule")
+    seed: int = _setting(0, "random seed", "--seed", "seed")
+    logging_steps: int = _setting(5, "log every N optimizer steps")
+    save_steps: int = _setting(
+        0,
+        "checkpoint every N optimizer steps (0: none); --resume continues from the last",
+        "--save-steps",
+        "non_negative_int",
+    )
+    save_strategy: str | None = _setting(None, 'None: "steps" with save_steps, else "no"')
+    system_prompt: str | None = _setting(
+        None, "system prompt of the chat template", "--system-prompt"
+    )
+    extra: dict = field(  # any other TrainingArguments field
+        default_factory=dict, metadata={"help": "any other TrainingArguments field"}
+    )
 
     def training_arguments(self, output_dir) -> TrainingArguments:
+        strategy = self.save_strategy or ("steps" if self.save_steps else "no")
+        saving = {"save_steps": self.save_steps} if self.save_steps else {}
         return TrainingArguments(
             output_dir=str(output_dir),
             num_train_epochs=self.epochs,
@@ -70,23 +89,30 @@ class RunSettings:
             lr_scheduler_type=self.lr_scheduler_type,
             seed=self.seed,
             logging_steps=self.logging_steps,
-            save_strategy=self.save_strategy,
+            save_strategy=strategy,
             report_to=[],
             remove_unused_columns=False,
             # `extra` may override it: DeepSpeed on CPU needs use_cpu=False (True disables it)
-            **{"use_cpu": not torch.cuda.is_available(), **self.extra},
+            **{"use_cpu": not torch.cuda.is_available(), **saving, **self.extra},
         )
+
+
+def method_arguments(method: str, values=None):
+    """`method`'s argument dataclass: `values` checked into it (a mapping), or as given."""
+    cls = get_method(method).arguments
+    if isinstance(values, cls):
+        return values
+    return cls.from_values(values or {}, get_method(method).name)
 
 
 def trainer_class(method: str):
     from asu_simu_plugin import standalone
 
+    choices = standalone_methods()
     key = method.lower()
-    if key not in STANDALONE_METHODS:
-        raise ValueError(
-            f"unknown method {method!r}; choose one of {', '.join(STANDALONE_METHODS)}"
-        )
-    return getattr(standalone, STANDALONE_METHODS[key])
+    if key not in choices:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(choices)}")
+    return getattr(standalone, choices[key])
 
 
 def qa_datasets(tokenizer, forget_rows, retain_rows, settings: RunSettings):
@@ -108,7 +134,8 @@ def build_trainer(
     settings: RunSettings,
     callbacks=None,
 ):
-    """The standalone trainer of `method`; rows may also be `QADataset`s already built."""
+    """The standalone trainer of `method`; rows may also be `QADataset`s already built, and
+    `method_args` the method's argument dataclass or a mapping of its fields."""
     if isinstance(forget_rows, QADataset) and isinstance(retain_rows, QADataset):
         forget, retain = forget_rows, retain_rows
     else:
@@ -124,244 +151,8 @@ def build_trainer(
         data_collator=PadCollator(pad_id),
         tokenizer=tokenizer,
         callbacks=callbacks,
-        **method_args,
+        method_args=method_arguments(method, method_args),
     )
-
-
-# -- what makes two runs the same run (checked before resuming) --------------------------------
-def fingerprint(value) -> str:
-    """sha256 of a JSON-serialisable value (rows, settings), stable across processes."""
-    text = json.dumps(value, sort_keys=True, default=str, ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def model_fingerprint(source) -> str | None:
-    """A local model folder: sha256 of its config and of its weight files' names and sizes."""
-    if source is None or not Path(str(source)).is_dir():
-        return None
-    folder = Path(str(source))
-    config = folder / "config.json"
-    weights = sorted(
-        (p.name, p.stat().st_size)
-        for p in folder.iterdir()
-        if p.suffix in (".safetensors", ".bin", ".pt", ".pth")
-    )
-    text = config.read_text(encoding="utf-8") if config.is_file() else ""
-    return fingerprint([text, weights])
-
-
-def run_identity(method, method_args, settings: RunSettings, forget_rows, retain_rows, source):
-    """Everything a checkpoint must share with the current run to be resumed by it."""
-    return {
-        "method": method,
-        "method_args": method_args,
-        "settings": asdict(settings),
-        "forget_data": fingerprint([dict(r) for r in forget_rows]),
-        "retain_data": fingerprint([dict(r) for r in retain_rows]),
-        "model": str(Path(str(source)).resolve()) if _is_local(source) else source,
-        "model_files": model_fingerprint(source),
-    }
-
-
-def _is_local(source) -> bool:
-    return source is not None and Path(str(source)).exists()
-
-
-def _differences(recorded: dict, current: dict) -> list[str]:
-    """'key (recorded → now)' for each differing entry, nested one level (settings.lr, …)."""
-    out = []
-    for key in sorted(set(recorded) | set(current)):
-        old, new = recorded.get(key), current.get(key)
-        if old == new:
-            continue
-        if isinstance(old, dict) and isinstance(new, dict):
-            out += [f"{key}.{d}" for d in _differences(old, new)]
-        elif key.endswith("_data") or key == "model_files":
-            out.append(f"{key} (the files changed)")
-        else:
-            out.append(f"{key} ({old!r} then, {new!r} now)")
-    return out
-
-
-class ResumeRecordCallback(TrainerCallback):
-    """Writes the run identity into each checkpoint folder, so a resume can be checked."""
-
-    def __init__(self, identity: dict):
-        self.identity = identity
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-            if folder.is_dir():
-                (folder / RESUME_FILE).write_text(json.dumps(self.identity, indent=2, default=str))
-
-
-# -- the output folder ---------------------------------------------------------------------------
-class OutputError(ValueError):
-    """The output folder cannot be used as asked (the message says what to do)."""
-
-
-def _main_process() -> bool:
-    # Before accelerate starts, torchrun's RANK says which process owns the output folder.
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-@dataclass
-class OutputPlan:
-    """Where a run writes: `work` (OUTPUT.partial: checkpoints, then the model) until `finish()`
-    moves it into place as `output`. An interrupted run leaves only `work` behind."""
-
-    output: Path
-    work: Path
-    checkpoint: str | None = None  # the checkpoint to resume from
-    identity: dict | None = None  # what the checkpoints record (`run_identity`)
-    finished: bool = False  # `output` already holds this very run (--resume of a done run)
-
-    def finish(self) -> None:
-        """Move the finished work folder into place (replacing an old output when asked)."""
-        if not _main_process():
-            return
-        old = None
-        if self.output.exists():
-            old = self.output.with_name(f"{self.output.name}.replaced-{os.getpid()}")
-            self.output.rename(old)
-        self.work.rename(self.output)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-            if old.exists():
-                logger.warning("the replaced output could not be removed entirely: %s", old)
-
-    def abandon(self) -> None:
-        """After a failure: remove the work folder unless it holds a checkpoint to resume."""
-        if not _main_process() or not self.work.is_dir():
-            return
-        if not any(self.work.glob(f"{PREFIX_CHECKPOINT_DIR}-*")):
-            shutil.rmtree(self.work, ignore_errors=True)
-
-
-def _non_empty(path: Path) -> bool:
-    return path.is_dir() and any(path.iterdir())
-
-
-def _inside(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents
-
-
-def prepare_output(output, source=None, identity=None, overwrite=False, resume=False) -> OutputPlan:
-    """Check and prepare the output folder before any model is loaded or trained.
-
-    Refuses: `output` equal to, inside or holding the local model `source`; an existing file;
-    an existing non-empty folder unless `overwrite` (replace it at the end) or `resume`
-    (continue the interrupted run in OUTPUT.partial, only if its checkpoint records the same
-    method, data and settings as `identity`); a folder that cannot be written.
-    """
-    if overwrite and resume:
-        raise OutputError("--overwrite and --resume exclude each other: choose one")
-    output = Path(output).expanduser().resolve()
-    work = output.with_name(f"{output.name}.partial")
-    plan = OutputPlan(output, work, identity=identity)
-    cwd = Path.cwd().resolve()
-    if output in (Path.home().resolve(), Path(output.anchor)) or _inside(cwd, output):
-        raise OutputError(
-            f"the output folder {output} is the working directory, an ancestor of it, home or "
-            "a root: choose a dedicated --output folder (it is replaced when the run ends)"
-        )
-    if _is_local(source):
-        model = Path(str(source)).expanduser().resolve()
-        if _inside(output, model) or _inside(model, output):
-            raise OutputError(
-                f"the output folder {output} {'is' if output == model else 'overlaps'} the "
-                f"model folder {model}: choose an --output outside it (the source model stays "
-                "untouched)"
-            )
-    if not _main_process():
-        if resume and work.is_dir():
-            plan.checkpoint = get_last_checkpoint(str(work))
-        return plan
-    if output.exists() and not output.is_dir():
-        raise OutputError(f"the output {output} is a file; choose a folder for --output")
-    if _non_empty(output) and not overwrite:
-        if resume and _finished_run_matches(output, identity):
-            plan.finished = True
-            return plan
-        raise OutputError(
-            f"the output folder {output} exists and is not empty: add --overwrite to replace it "
-            "(at the end, once the new model is saved), or choose another --output"
-            + (
-                "; --resume continues only an interrupted run (OUTPUT.partial) or confirms a "
-                "finished one with the same method, data and settings"
-                if resume
-                else ""
-            )
-        )
-    if overwrite and output.is_dir() and not os.access(output, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot replace {output}: it is not writable (check its permissions)")
-    if _non_empty(work):
-        if resume:
-            plan.checkpoint = _checked_checkpoint(work, identity)
-        elif overwrite:
-            shutil.rmtree(work)
-        else:
-            raise OutputError(
-                f"{work} holds an interrupted run: add --resume to continue it (same method, "
-                "data and settings) or --overwrite to start over"
-            )
-    _check_writable(work)
-    return plan
-
-
-def _finished_run_matches(output: Path, identity) -> bool:
-    record_file = output / RUN_FILE
-    if identity is None or not record_file.is_file():
-        return False
-    try:
-        recorded = json.loads(record_file.read_text(encoding="utf-8")).get("identity")
-    except (OSError, ValueError):
-        return False
-    return recorded == json.loads(json.dumps(identity, default=str))
-
-
-def _checked_checkpoint(work: Path, identity) -> str | None:
-    checkpoint = get_last_checkpoint(str(work))
-    if checkpoint is None:
-        logger.warning("%s holds no checkpoint: starting from the beginning", work)
-        shutil.rmtree(work)
-        return None
-    record_file = Path(checkpoint) / RESUME_FILE
-    if not record_file.is_file():
-        raise OutputError(
-            f"{checkpoint} has no {RESUME_FILE}, so it cannot be checked against this run: "
-            "add --overwrite to start over instead of --resume"
-        )
-    try:
-        recorded = json.loads(record_file.read_text(encoding="utf-8"))
-    except ValueError as error:
-        raise OutputError(f"{record_file} is not valid JSON ({error}): use --overwrite") from None
-    if identity is not None:
-        differences = _differences(recorded, json.loads(json.dumps(identity, default=str)))
-        if differences:
-            raise OutputError(
-                f"{checkpoint} belongs to a different run, so it is not resumed: "
-                + "; ".join(differences)
-                + ". Rerun with the same method, data and settings, or add --overwrite to "
-                "start over"
-            )
-    print(f"resuming from {checkpoint} (same method, data and settings)", file=sys.stderr)
-    return checkpoint
-
-
-def _check_writable(folder: Path) -> None:
-    """Create `folder` and write a file in it: fails now rather than after training."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        reason = error.strerror or str(error)
-        raise OutputError(
-            f"cannot write the output next to {folder.parent}: {reason}; choose a writable --output"
-        ) from None
 
 
 def run_unlearning(
@@ -386,7 +177,7 @@ def run_unlearning(
     the trainer, or None when `resume` found this very run already finished.
     """
     settings = settings or RunSettings()
-    method_args = dict(method_args or {})
+    method_args = method_arguments(method, method_args)
     if plan is None:
         identity = run_identity(
             method, method_args, settings, _rows(forget_rows), _rows(retain_rows), source
@@ -416,7 +207,7 @@ def run_unlearning(
             tokenizer.save_pretrained(str(plan.work))
             record = {
                 "method": method,
-                "method_args": method_args,
+                "method_args": method_args.to_dict(),
                 "settings": asdict(settings),
                 "model": str(source) if source is not None else None,
                 "forget_examples": len(forget_rows),

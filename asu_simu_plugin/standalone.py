@@ -1,8 +1,12 @@
-"""Trainer bases for users without the harness (and for our harness-free test-suite).
+"""Trainers for users without the harness (and for our harness-free test-suite).
 
 `StandaloneGradDiff` mirrors the harness's `GradDiff` contract (constructor arguments, the
 `{"forget": ..., "retain": ...}` batches, `ref_model` / `_prepare_ref_model`, plain HF loss on
 evaluation batches) on a bare `transformers.Trainer`, so every method mixin runs unchanged on either.
+
+Every registered method is served here as a trainer class built on these bases, e.g.
+`from asu_simu_plugin.standalone import ASU, GradDiff`; each takes its argument dataclass as
+`method_args=` or the same values as keywords (`asu_simu_plugin.registry`).
 """
 
 from __future__ import annotations
@@ -14,28 +18,28 @@ from transformers import Trainer
 
 from asu_simu_plugin import losses
 from asu_simu_plugin.lora import FrozenReference, peft_model_of
-from asu_simu_plugin.methods import lazy_trainer_classes
-from asu_simu_plugin.methods.base import TrainerCompatMixin, model_inputs, validate_weights
+from asu_simu_plugin.methods.base import RetainLossMixin, TrainerCompatMixin, model_inputs
+from asu_simu_plugin.registry import lazy_trainer_classes, methods
 
 
-class StandaloneGradDiff(TrainerCompatMixin, Trainer):
+class StandaloneGradDiff(RetainLossMixin, TrainerCompatMixin, Trainer):
     """Gradient difference: gamma·(−NLL on forget) + alpha·(retain loss).
 
-    Keyword arguments as the harness's GradDiff; `evaluators` and `template_args` are accepted
-    (and kept) so harness-style configs construct it unchanged.
+    A base: its arguments come from the method's dataclass (`standalone.GradDiff` and the other
+    built classes pass them), so it has no defaults of its own. `evaluators` and `template_args`
+    are accepted (and kept) so harness-style configs construct it unchanged.
     """
 
     def __init__(
         self,
         *args,
-        gamma: float = 1.0,
-        alpha: float = 1.0,
-        retain_loss_type: str = "NLL",
+        gamma: float,
+        alpha: float,
+        retain_loss_type: str,
         evaluators=None,
         template_args=None,
         **kwargs,
     ):
-        validate_weights(gamma, alpha)
         self.evaluators = evaluators
         self.template_args = template_args
         super().__init__(*args, **kwargs)
@@ -64,19 +68,6 @@ class StandaloneGradDiff(TrainerCompatMixin, Trainer):
             param.requires_grad_(False)
         return self.accelerator.prepare_model(ref_model, evaluation_mode=True)
 
-    def compute_retain_loss(self, model, retain_inputs):
-        """The harness's retain loss: NLL, or KL over all positions (its `compute_kl_divergence`)."""
-        outputs = model(**retain_inputs)
-        if self.retain_loss_type == "NLL":
-            return outputs.loss
-        if self.retain_loss_type in ("KL", "KL_ALL"):
-            with torch.no_grad():
-                ref_logits = self.ref_model(**model_inputs(retain_inputs, False)).logits
-            return losses.retain_kl_loss(
-                outputs.logits, ref_logits, retain_inputs["labels"], answer_tokens_only=False
-            )
-        raise NotImplementedError(f"{self.retain_loss_type} not implemented for retain set")
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
         if "forget" not in inputs:  # evaluation batches: the plain LM loss
             return super().compute_loss(
@@ -91,7 +82,7 @@ class StandaloneGradDiff(TrainerCompatMixin, Trainer):
 class StandaloneNPO(StandaloneGradDiff):
     """Negative preference optimisation (the harness's NPO): NPO on forget + retain loss."""
 
-    def __init__(self, *args, beta: float = 1.0, **kwargs):
+    def __init__(self, *args, beta: float, **kwargs):
         super().__init__(*args, **kwargs)
         self.beta = beta
         if self.ref_model is None:
@@ -116,5 +107,5 @@ def _bases() -> dict[str, type]:
     return {"GradDiff": StandaloneGradDiff, "NPO": StandaloneNPO}
 
 
-# ASU, SIMU, SOGradDiff, SONPO on the standalone bases, e.g. `from ... import ASU`.
-__getattr__ = lazy_trainer_classes(__name__, _bases)
+# Every registered method on the standalone bases, e.g. `from asu_simu_plugin.standalone import ASU`.
+__getattr__ = lazy_trainer_classes(__name__, _bases, names=lambda: list(methods()))

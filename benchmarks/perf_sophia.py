@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from asu_simu_plugin.sophia import SophiaG
+from asu_simu_plugin.methods.sophia.optimizer import SophiaG
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -79,7 +79,7 @@ def gnb_overhead(steps, device):
     """{name: seconds} for one training step and one GNB pass on a small Llama."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from asu_simu_plugin.methods.sophia import SophiaMixin
+    from asu_simu_plugin.methods.sophia.trainer import SophiaMixin
 
     torch.manual_seed(0)
     config = LlamaConfig(

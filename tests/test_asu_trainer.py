@@ -18,7 +18,9 @@ from asu_simu_plugin.attention import attention_temperature
 from asu_simu_plugin.cli.demo import finetune
 from asu_simu_plugin.data import PadCollator, QADataset
 from asu_simu_plugin.diagnostics import answer_probability
-from asu_simu_plugin.runner import RUN_FILE, RunSettings, build_trainer, run_unlearning
+from asu_simu_plugin.methods.asu import ASUArguments
+from asu_simu_plugin.output import RUN_FILE
+from asu_simu_plugin.runner import RunSettings, build_trainer, run_unlearning
 
 EMBED = {"forget_loss_type": "EMBED_MSE", "retain_loss_type": "EMBED_MSE", "embed_layer": 1}
 
@@ -338,14 +340,14 @@ def test_layers_select_the_tempered_layers(world, tmp_path):
     ("args", "message"),
     [
         ({"layers": [4]}, r"valid ids are 0\.\.3"),
-        ({"layers": [-1]}, r"valid ids are 0\.\.3"),
-        ({"temperature": 0}, "finite number > 0"),
-        ({"temperature": -2.0}, "finite number > 0"),
-        ({"temperature": float("inf")}, "finite number > 0"),
+        ({"layers": [-1]}, "layers entry must be >= 0"),
+        ({"temperature": 0}, "temperature must be > 0"),
+        ({"temperature": -2.0}, "temperature must be > 0"),
+        ({"temperature": float("inf")}, "temperature must be a finite number"),
         ({"temperature": "hot"}, "finite number > 0 or 'auto'"),
-        ({"layers": "15"}, "layers must be null.*'auto'"),
-        ({"layers": [1.0]}, "layer ids must be integers"),
-        ({"teacher_eos": "drop"}, "teacher_eos must be one of keep, suppress"),
+        ({"layers": "15"}, "layers must be a list of 0-based layer ids.*auto"),
+        ({"layers": [1.0]}, "layers entry must be an integer"),
+        ({"teacher_eos": "drop"}, "teacher_eos='drop' is not supported; use one of keep, suppress"),
         ({**EMBED, "layers": "auto"}, "'auto' chooses them for the KL forget loss"),
         ({"tau_sweep": {"sampel": 4}}, "tau_sweep: .*sampel.*known keys: sample"),
         ({"tau_sweep": {"taus": [0.5, 2]}}, r"tau_sweep.taus must be > 1"),
@@ -391,7 +393,7 @@ def test_run_record(world, tmp_path):
     )
     record = json.loads((tmp_path / RUN_FILE).read_text())
     assert record["method"] == "asu"
-    assert record["method_args"] == method_args
+    assert record["method_args"] == ASUArguments(**method_args).to_dict()
     logged = [h for h in record["log_history"] if "asu/forget_loss" in h]
     assert len(logged) == 2
     assert all(h["asu/forget_loss"] >= 0 and h["asu/retain_loss"] >= 0 for h in logged)
@@ -403,7 +405,7 @@ AUTO_SETTINGS = {"sample": 5, "taus": [2.0, 4.0], "layer_parts": [2], "progress"
 
 
 def test_auto_temperature_and_layers_are_chosen_on_the_forget_set(world, tmp_path):
-    from asu_simu_plugin.tau_sweep import auto_temperature
+    from asu_simu_plugin.methods.asu.temperature import auto_temperature
 
     model, tokenizer, forget, _ = world
     apart = copy.deepcopy(model)
@@ -453,7 +455,8 @@ def test_an_auto_run_saves_the_sweep_beside_the_model(world, tmp_path):
     assert {"model.safetensors", "asu_tau_sweep.csv", "asu_tau_sweep.png"} <= names
     chosen = json.loads((out / "asu_temperature.json").read_text())
     assert chosen["temperature"] in (2.0, 4.0) and chosen["reason"]
-    assert json.loads((out / RUN_FILE).read_text())["method_args"] == method_args
+    recorded = json.loads((out / RUN_FILE).read_text())["method_args"]
+    assert recorded == ASUArguments(**method_args).to_dict()
 
 
 def test_paper_settings_run_no_sweep(world, tmp_path):

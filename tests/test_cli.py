@@ -11,8 +11,9 @@ from cli_support import unlearn
 from transformers import AutoModelForCausalLM
 
 from asu_simu_plugin.cli import main
-from asu_simu_plugin.neurons import load_masks
-from asu_simu_plugin.runner import RUN_FILE
+from asu_simu_plugin.methods.simu.attribution import load_masks
+from asu_simu_plugin.output import RUN_FILE
+from asu_simu_plugin.registry import get_method
 
 
 @pytest.mark.parametrize("method", ["asu", "simu", "sograddiff"])
@@ -22,7 +23,10 @@ def test_unlearn_writes_a_plain_model_and_its_run_record(files, tmp_path, method
     code = unlearn(files, out, "--set", "gamma=0.5", method=method)
     assert code == 0
     record = json.loads((out / RUN_FILE).read_text())
-    assert record["method"] == method and record["method_args"] == {"gamma": 0.5}
+    # the method's whole argument dataclass is recorded: the given value and every default
+    expected = get_method(method).arguments(gamma=0.5).to_dict()
+    assert record["method"] == method
+    assert record["method_args"] == json.loads(json.dumps(expected))
     assert record["forget_examples"] == 5 and record["retain_examples"] == 10
     original = AutoModelForCausalLM.from_pretrained(model_dir)
     unlearned = AutoModelForCausalLM.from_pretrained(out)

@@ -1,80 +1,16 @@
-"""Method-argument dataclasses: they match the live trainers and configs, and refuse bad values."""
+"""Method-argument dataclasses: the one place of each method's defaults and checks."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
-import yaml
 
-from asu_simu_plugin import standalone
-from asu_simu_plugin.methods import METHODS
-from asu_simu_plugin.methods.arguments import (
-    METHOD_ARGUMENTS,
-    ASUArguments,
-    MethodArgumentError,
-    SIMUArguments,
-    SOGradDiffArguments,
-    parse_method_arguments,
-    signature_defaults,
-)
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "trainer"
-STANDALONE = [*METHODS, "StandaloneGradDiff", "StandaloneNPO"]
-
-# Values a shipped config sets on purpose instead of the Python default (published settings).
-CONFIG_CHOICES = {
-    # the paper's TOFU forget weight; tau and layers chosen on the forget set (the paper's are
-    # temperature=2.3 layers=null, the constructor's defaults)
-    "ASU": {"gamma": 0.1, "temperature": "auto", "layers": "auto"},
-    "SOGradDiff": {"alpha": 2.0, "betas": [0.9, 0.95], "hessian_mode": "grad2"},  # SOUL
-    "SONPO": {"beta": 0.1, "betas": [0.9, 0.95], "hessian_mode": "grad2"},  # SOUL
-}
-
-
-def normalise(value):
-    return list(value) if isinstance(value, tuple) else value
-
-
-@pytest.mark.parametrize("name", STANDALONE)
-def test_dataclass_matches_the_live_constructor(name):
-    live = {k: normalise(v) for k, v in signature_defaults(getattr(standalone, name)).items()}
-    declared = {k: normalise(v) for k, v in METHOD_ARGUMENTS[name].defaults().items()}
-    missing = sorted(set(live) - set(declared))
-    assert not missing, (
-        f"{name} takes {missing}, which asu_simu_plugin/methods/arguments.py does not declare: "
-        "add a field (default, help, check) to the dataclass of the mixin that takes it"
-    )
-    stale = sorted(set(declared) - set(live))
-    assert not stale, (
-        f"{METHOD_ARGUMENTS[name].__name__} declares {stale}, which {name} no longer takes"
-    )
-    differing = {k: (declared[k], live[k]) for k in live if declared[k] != live[k]}
-    assert not differing, f"defaults differ (dataclass, constructor): {differing}"
-
-
-@pytest.mark.parametrize("name", list(METHODS))
-def test_shipped_config_matches_the_dataclass(name):
-    config = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
-    values = config.get("method_args") or {}
-    defaults = {k: normalise(v) for k, v in METHOD_ARGUMENTS[name].defaults().items()}
-    unknown = sorted(set(values) - set(defaults))
-    assert not unknown, f"configs/trainer/{name}.yaml sets {unknown}, unknown to {name}"
-    chosen = CONFIG_CHOICES.get(name, {})
-    for key, value in values.items():
-        expected = chosen.get(key, defaults[key])
-        assert normalise(value) == expected, (
-            f"configs/trainer/{name}.yaml: {key}={value!r}, the dataclass default is "
-            f"{defaults[key]!r}; change both, or list it in CONFIG_CHOICES with its reason"
-        )
-    # every value the config sets is valid
-    METHOD_ARGUMENTS[name](**values)
-
-
-def test_defaults_are_valid():
-    for cls in set(METHOD_ARGUMENTS.values()):
-        cls()
+from asu_simu_plugin.arguments import MethodArgumentError, NPOArguments
+from asu_simu_plugin.methods.asu import ASUArguments
+from asu_simu_plugin.methods.simu import SIMUArguments
+from asu_simu_plugin.methods.sophia import SOGradDiffArguments, SONPOArguments
+from asu_simu_plugin.registry import get_method
 
 
 @pytest.mark.parametrize(
@@ -97,7 +33,11 @@ def test_defaults_are_valid():
         (ASUArguments, {"forget_loss_type": "NLL"}, "use one of KL, EMBED_MSE"),
         (ASUArguments, {"embed_layer": 2.5}, "embed_layer must be an integer"),
         (ASUArguments, {"trainable_params_regex": ["("]}, "not a valid regex"),
-        (ASUArguments, {"teacher_eos": "drop"}, "teacher_eos must be one of keep, suppress"),
+        (
+            ASUArguments,
+            {"teacher_eos": "drop"},
+            "teacher_eos='drop' is not supported; use one of keep, suppress",
+        ),
         (ASUArguments, {"tau_sweep": {"sampel": 4}}, "known keys: sample"),
         (ASUArguments, {"collapse_guard": {"sample": 0}}, "collapse_guard.sample must be"),
         (ASUArguments, {"teacher_cache": 1}, "teacher_cache must be true or false"),
@@ -138,9 +78,53 @@ def test_accepted_values():
 
 def test_unknown_keys_list_the_valid_ones():
     with pytest.raises(MethodArgumentError) as error:
-        parse_method_arguments("ASU", {"temprature": 2.0, "gamma": 0.1})
+        ASUArguments.from_values({"temprature": 2.0, "gamma": 0.1}, "ASU")
     message = str(error.value)
     assert message.startswith("unknown method argument temprature for ASU; valid: alpha, ")
     assert "temperature" in message and "layers" in message
-    # keys a trainer takes that have no field yet pass unchecked
-    assert parse_method_arguments("ASU", {"new_key": 1}, accepted=["new_key"]).gamma == 1.0
+
+
+def test_omegaconf_values_become_plain_ones():
+    """The harness passes `method_args` as OmegaConf containers: lists and dicts are checked as
+    the CLI's JSON values are."""
+    from omegaconf import OmegaConf
+
+    values = OmegaConf.create({"betas": [0.9, 0.95], "hessian_mode": "grad2"})
+    parsed = SOGradDiffArguments.from_values(values)
+    assert parsed.betas == [0.9, 0.95] and isinstance(parsed.betas, list)
+    guard = OmegaConf.create({"collapse_guard": {"sample": 0}})
+    with pytest.raises(MethodArgumentError, match="collapse_guard.sample must be"):
+        ASUArguments.from_values(guard)
+
+
+@pytest.mark.parametrize(
+    "cls, values, message",
+    [
+        (NPOArguments, {"beta": 0}, "beta must be > 0"),
+        (SONPOArguments, {"beta": -0.5}, "beta must be > 0"),
+        (SOGradDiffArguments, {"alpha": -1}, "alpha must be >= 0"),
+        (SOGradDiffArguments, {"gamma": -2}, "gamma must be >= 0"),
+        (SOGradDiffArguments, {"hessian_interval": "abc"}, "hessian_interval must be an integer"),
+        (ASUArguments, {"alpha": -1}, "alpha must be >= 0"),
+    ],
+)
+def test_values_the_harness_route_once_accepted_are_refused(cls, values, message):
+    with pytest.raises(MethodArgumentError, match=message):
+        cls(**values)
+
+
+def test_layer_ids_are_checked_against_the_model_config():
+    class Config:
+        num_hidden_layers = 4
+
+    ASUArguments(layers=[0, 3]).check_model_config(Config())
+    with pytest.raises(MethodArgumentError, match="no layer 4 in this model, which has 4"):
+        ASUArguments(layers=[1, 4]).check_model_config(Config())
+    with pytest.raises(MethodArgumentError, match="embed_layer: no layer 7"):
+        ASUArguments(forget_loss_type="EMBED_MSE", temperature=2.0).check_model_config(Config())
+
+
+def test_kl_means_answer_tokens_for_every_method():
+    for name in ("ASU", "GradDiff", "NPO", "SOGradDiff", "SONPO", "SIMU"):
+        choices = get_method(name).arguments.RETAIN_LOSS_TYPES
+        assert {"NLL", "KL", "KL_ALL"} <= set(choices), name

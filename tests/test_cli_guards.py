@@ -48,7 +48,8 @@ def weights(trainer):
 def test_nan_method_argument_stops_at_step_one_naming_loss_and_fix(
     rows, toy_tokenizer, tmp_path, method
 ):
-    trainer = trainer_for(rows, toy_tokenizer, tmp_path, method, alpha=math.nan)
+    trainer = trainer_for(rows, toy_tokenizer, tmp_path, method)
+    trainer.alpha = math.nan  # a NaN retain weight: the dataclass refuses it as an argument
     before = weights(trainer)
     with pytest.raises(NonFiniteTrainingError) as error:
         trainer.train()
@@ -187,7 +188,8 @@ def test_standalone_classes_carry_the_guard():
 def test_logged_loss_shows_nan_not_zero(rows, toy_tokenizer, tmp_path):
     from asu_simu_plugin.guards import _NonFiniteCallback
 
-    trainer = trainer_for(rows, toy_tokenizer, tmp_path, steps=2, alpha=math.nan)
+    trainer = trainer_for(rows, toy_tokenizer, tmp_path, steps=2)
+    trainer.alpha = math.nan
     trainer.remove_callback(_NonFiniteCallback)  # let it run on, to see what is logged
     trainer.train()
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]

@@ -14,10 +14,9 @@ from cli_support import unlearn
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from asu_simu_plugin import __version__, runner
+from asu_simu_plugin import __version__, output, registry, runner
 from asu_simu_plugin.cli import main
-from asu_simu_plugin.methods.arguments import METHOD_ARGUMENTS
-from asu_simu_plugin.runner import RESUME_FILE, RUN_FILE
+from asu_simu_plugin.output import RESUME_FILE, RUN_FILE
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -131,7 +130,7 @@ def test_interrupted_run_leaves_no_model_and_resumes_only_the_same_run(
     assert unlearn(files, out, "--save-steps", "1", "--resume", method="graddiff") == 2
     assert "method ('asu' then, 'graddiff' now)" in one_error_line(capsys)
     assert unlearn(files, out, "--save-steps", "1", "--resume", "--set", "gamma=0.5") == 2
-    assert "method_args.gamma (None then, 0.5 now)" in one_error_line(capsys)
+    assert "method_args.gamma (1.0 then, 0.5 now)" in one_error_line(capsys)
     # the same run resumes, saying so, and ends in place
     assert unlearn(files, out, "--save-steps", "1", "--resume") == 0
     assert "resuming from" in capsys.readouterr().err
@@ -328,9 +327,9 @@ def test_help_documents_every_flag_and_the_method_keys(capsys):
     for flag in ("--epochs", "--lr", "--batch-size", "--save-steps", "--overwrite", "--resume"):
         assert flag in text
     assert "(default: 5.0)" in text and "(default: 1e-05)" in text
-    for method, trainer in runner.STANDALONE_METHODS.items():
-        assert f"--method {method}:" in text
-        for name, _default, _help in METHOD_ARGUMENTS[trainer].describe():
+    for method in registry.methods().values():
+        assert f"--method {method.cli_name}:" in text
+        for name, _default, _help in method.arguments.describe():
             assert f"    {name} (default " in text
     for command in ("demo", "tau-sweep", "neurons"):
         with pytest.raises(SystemExit):
@@ -351,20 +350,20 @@ def test_prepare_output_refusals(tmp_path, monkeypatch):
     identity = {"method": "asu"}
     foreign = tmp_path / "out.partial" / "checkpoint-3"
     foreign.mkdir(parents=True)
-    with pytest.raises(runner.OutputError, match="has no asu_simu_resume.json"):
-        runner.prepare_output(tmp_path / "out", identity=identity, resume=True)
+    with pytest.raises(output.OutputError, match="has no asu_simu_resume.json"):
+        output.prepare_output(tmp_path / "out", identity=identity, resume=True)
     (foreign / RESUME_FILE).write_text("{not json")
-    with pytest.raises(runner.OutputError, match="is not valid JSON"):
-        runner.prepare_output(tmp_path / "out", identity=identity, resume=True)
+    with pytest.raises(output.OutputError, match="is not valid JSON"):
+        output.prepare_output(tmp_path / "out", identity=identity, resume=True)
     monkeypatch.chdir(tmp_path)
     for dangerous in (tmp_path, tmp_path.parent, Path.home()):
-        with pytest.raises(runner.OutputError, match="choose a dedicated --output"):
-            runner.prepare_output(dangerous, overwrite=True)
-    with pytest.raises(runner.OutputError, match="exclude each other"):
-        runner.prepare_output(tmp_path / "x", overwrite=True, resume=True)
+        with pytest.raises(output.OutputError, match="choose a dedicated --output"):
+            output.prepare_output(dangerous, overwrite=True)
+    with pytest.raises(output.OutputError, match="exclude each other"):
+        output.prepare_output(tmp_path / "x", overwrite=True, resume=True)
     (tmp_path / "plain.txt").write_text("")
-    with pytest.raises(runner.OutputError, match="is a file"):
-        runner.prepare_output(tmp_path / "plain.txt")
+    with pytest.raises(output.OutputError, match="is a file"):
+        output.prepare_output(tmp_path / "plain.txt")
 
 
 def test_demo_refuses_a_non_empty_output_before_finetuning(tmp_path, capsys, monkeypatch):

@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM
 from asu_simu_plugin import toy
 from asu_simu_plugin.cli import main
 from asu_simu_plugin.cli.demo import facts_stated, greedy_answers, run_demo
-from asu_simu_plugin.diagnostics import greedy_answer
-from asu_simu_plugin.runner import RUN_FILE
+from asu_simu_plugin.data import prompt_and_answer_text
+from asu_simu_plugin.output import RUN_FILE
 
 
 def test_short_demo_forgets_keeps_the_rest_and_saves_a_plain_model(tmp_path, capsys):
@@ -46,6 +46,23 @@ def test_short_demo_forgets_keeps_the_rest_and_saves_a_plain_model(tmp_path, cap
     table = capsys.readouterr().out
     assert f"{after['forget']['prob']:.3f}" in table and f"{teacher['forget']['prob']:.3f}" in table
     assert "forget: facts in greedy answers" in table
+
+
+@torch.no_grad()
+def greedy_answer(model, tokenizer, question, system_prompt=None, max_new_tokens=24) -> str:
+    """One prompt at a time, unpadded: the reference the batched generation must match."""
+    model.eval()
+    prompt, _ = prompt_and_answer_text(tokenizer, question, "", system_prompt)
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
 def test_batched_greedy_answers_match_one_at_a_time(tiny_llama, toy_tokenizer, toy_authors):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import GATED_MLP_ARCHITECTURES, tiny_causal_lm
 
 from asu_simu_plugin.arch import decoder_layers, down_projection
-from asu_simu_plugin.neurons import (
+from asu_simu_plugin.methods.simu.attribution import (
     check_masks,
     critical_neuron_masks,
     load_masks,

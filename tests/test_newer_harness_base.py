@@ -19,9 +19,9 @@ from packaging import version
 from transformers import LlamaForCausalLM, Trainer
 
 from asu_simu_plugin import losses, runner, toy
-from asu_simu_plugin.methods import build_trainer_class
 from asu_simu_plugin.methods.base import TrainerCompatMixin, model_inputs
-from asu_simu_plugin.runner import STANDALONE_METHODS, RunSettings, build_trainer
+from asu_simu_plugin.registry import build_trainer_class
+from asu_simu_plugin.runner import RunSettings, build_trainer, standalone_methods
 
 # transformers' compute_loss takes num_items_in_batch from 4.46 on
 PASSES_NUM_ITEMS = TRANSFORMERS_VERSION >= version.parse("4.46")
@@ -93,7 +93,7 @@ METHOD_ARGS = {
 
 def new_layout_class(method: str) -> type:
     """The class `asu_simu_plugin.harness` would build, on the stand-in base."""
-    name = STANDALONE_METHODS[method]
+    name = standalone_methods()[method]
     return build_trainer_class(name, NEW_LAYOUT_BASES, __name__, front=(TrainerCompatMixin,))
 
 

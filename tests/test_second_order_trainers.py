@@ -11,9 +11,9 @@ from transformers import LlamaForCausalLM
 
 from asu_simu_plugin import toy
 from asu_simu_plugin.arch import attention_projection_names, decoder_layers, down_projection
-from asu_simu_plugin.neurons import load_masks
+from asu_simu_plugin.methods.simu.attribution import load_masks
+from asu_simu_plugin.methods.sophia.optimizer import SophiaG
 from asu_simu_plugin.runner import RunSettings, build_trainer
-from asu_simu_plugin.sophia import SophiaG
 
 
 @pytest.fixture
@@ -70,7 +70,7 @@ def argmax_labels(logits):
 
 def test_gnb_folds_each_batch_token_count_into_its_own_estimate(world, tmp_path, monkeypatch):
     """h after two passes on batches of different answer lengths, against a hand computation."""
-    from asu_simu_plugin.methods.sophia import SophiaMixin
+    from asu_simu_plugin.methods.sophia.trainer import SophiaMixin
 
     monkeypatch.setattr(SophiaMixin, "sample_labels", staticmethod(argmax_labels))
     settings = RunSettings(epochs=1, batch_size=2, learning_rate=1e-3, extra={"max_grad_norm": 0})

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from asu_simu_plugin.sophia import SophiaG
+from asu_simu_plugin.methods.sophia.optimizer import SophiaG
 
 F32 = np.float32
 

@@ -10,19 +10,19 @@ import pytest
 import torch
 from conftest import tiny_causal_lm
 
-from asu_simu_plugin import tau_sweep as sweep_module
 from asu_simu_plugin.attention import attention_temperature
 from asu_simu_plugin.cli import main
 from asu_simu_plugin.data import PadCollator, QADataset
 from asu_simu_plugin.diagnostics import token_nll
-from asu_simu_plugin.tau_sweep import (
-    function_token_ids,
-    is_function_token,
+from asu_simu_plugin.methods.asu import collapse, temperature
+from asu_simu_plugin.methods.asu import sweep as sweep_module
+from asu_simu_plugin.methods.asu.sweep import (
     plot_sweep,
     recommend_tau,
     tau_sweep,
     write_sweep_csv,
 )
+from asu_simu_plugin.methods.asu.temperature import function_token_ids, is_function_token
 
 
 @pytest.fixture
@@ -216,12 +216,12 @@ def forget_items(toy_tokenizer, toy_authors, n=2):
 
 def test_measure_teacher_against_an_explicit_computation(peaked_model, toy_tokenizer, toy_authors):
     dataset = forget_items(toy_tokenizer, toy_authors)
-    items = sweep_module.sample_items(dataset, 6, seed=3)
+    items = temperature.sample_items(dataset, 6, seed=3)
     assert len(items) == 6
     eos = toy_tokenizer.eos_token_id
     answers = torch.cat([i["labels"][i["labels"] != -100] for i in items])
     function = function_token_ids(toy_tokenizer, answers.tolist())
-    got = sweep_module.measure_teacher(
+    got = temperature.measure_teacher(
         peaked_model, items, 2.5, [1], function.tolist(), [eos], batch_size=4
     )
     # By hand, one example at a time (no padding): P(eos) where the first answer token is
@@ -245,11 +245,11 @@ def test_measure_teacher_against_an_explicit_computation(peaked_model, toy_token
 
 
 def test_layer_blocks():
-    blocks = sweep_module.layer_blocks(30, (3, 4))
-    labels = [sweep_module.layers_label(b, 30) for b in blocks]
+    blocks = temperature.layer_blocks(30, (3, 4))
+    labels = [temperature.layers_label(b, 30) for b in blocks]
     assert labels == ["all", "0-9", "10-19", "20-29", "0-7", "8-14", "15-21", "22-29"]
-    assert sweep_module.layer_blocks(3, (4,)) == [[0, 1, 2], [0], [1], [2]]
-    assert sweep_module.layers_label([0, 2], 3) == "0,2"
+    assert temperature.layer_blocks(3, (4,)) == [[0, 1, 2], [0], [1], [2]]
+    assert temperature.layers_label([0, 2], 3) == "0,2"
 
 
 def grid_row(tau, layers, content, function, end, size=1):
@@ -264,7 +264,7 @@ def grid_row(tau, layers, content, function, end, size=1):
 
 
 def test_choose_temperature_rule():
-    config = sweep_module.AutoTemperatureConfig(function_budget=0.5, max_end_probability=0.1)
+    config = temperature.AutoTemperatureConfig(function_budget=0.5, max_end_probability=0.1)
     rows = [
         grid_row(1.0, "all", 1.0, 2.0, 0.01, 4),
         grid_row(2.3, "all", 3.5, 2.9, 0.93, 4),  # forgets most, but ends the answer: out
@@ -273,7 +273,7 @@ def test_choose_temperature_rule():
         grid_row(3.0, "0-1", 2.8, 2.6, 0.02, 2),  # function +0.6 > budget: out
         grid_row(2.0, "2-3", 1.8, 2.1, 0.01, 2),  # separation 0.8 - 0.1 = 0.7: tie, smaller τ
     ]
-    chosen, reason = sweep_module.choose_temperature(rows, config)
+    chosen, reason = temperature.choose_temperature(rows, config)
     assert (chosen["tau"], chosen["layers"]) == (2.0, "2-3")
     assert "content +0.80" in reason and "falls short of 1" in reason
     assert [r["admissible"] for r in rows] == [False, False, True, True, False, True]
@@ -284,7 +284,7 @@ def test_choose_temperature_rule():
         grid_row(2.0, "all", 2.0, 2.75, 0.3),  # max(0.75/0.5, 0.3/0.1) = 3
         grid_row(4.0, "all", 3.0, 3.0, 0.12),  # max(1/0.5, 1.2) = 2: least violating
     ]
-    chosen, reason = sweep_module.choose_temperature(rows, config)
+    chosen, reason = temperature.choose_temperature(rows, config)
     assert chosen["tau"] == 4.0 and reason.startswith("no setting keeps")
 
 
@@ -293,7 +293,7 @@ def test_auto_temperature_searches_only_what_is_auto(
 ):
     dataset = forget_items(toy_tokenizer, toy_authors)
     settings = {"sample": 4, "layer_parts": [3], "progress": False}
-    tau, layers, record = sweep_module.auto_temperature(
+    tau, layers, record = temperature.auto_temperature(
         peaked_model,
         dataset,
         toy_tokenizer,
@@ -313,7 +313,7 @@ def test_auto_temperature_searches_only_what_is_auto(
     chosen = next(r for r in record["rows"] if r["chosen"])
     assert layers == (None if chosen["layers"] == "all" else [int(chosen["layers"])])
     assert json.loads((tmp_path / "asu_temperature.json").read_text())["layers"] == layers
-    tau, layers, record = sweep_module.auto_temperature(
+    tau, layers, record = temperature.auto_temperature(
         peaked_model,
         dataset,
         toy_tokenizer,
@@ -324,7 +324,7 @@ def test_auto_temperature_searches_only_what_is_auto(
     assert layers == [0, 1] and tau in (1.5, 3.0) and record["searched"] == ["temperature"]
     assert {r["layers"] for r in record["rows"]} == {"all", "0-1"}
     with pytest.raises(ValueError, match="needs a temperature > 1"):
-        sweep_module.auto_temperature(peaked_model, dataset, toy_tokenizer, 1.0, "auto", settings)
+        temperature.auto_temperature(peaked_model, dataset, toy_tokenizer, 1.0, "auto", settings)
 
 
 def test_collapse_check_against_explicit_greedy_answers(toy_tokenizer, toy_authors):
@@ -337,10 +337,10 @@ def test_collapse_check_against_explicit_greedy_answers(toy_tokenizer, toy_autho
         head.bias[eos] = 13.0
     model.lm_head = head
     dataset = forget_items(toy_tokenizer, toy_authors, n=3)
-    stats = sweep_module.collapse_check(
+    stats = collapse.collapse_check(
         model, dataset, 3.0, [0, 2], toy_tokenizer, {"sample": 8, "max_new_tokens": 4}
     )
-    items = sweep_module.sample_items(dataset, 8)
+    items = temperature.sample_items(dataset, 8)
     ends, empty = [], 0
     with torch.no_grad(), attention_temperature(model, 3.0, [0, 2]):
         for item in items:
@@ -361,10 +361,10 @@ def test_collapse_check_against_explicit_greedy_answers(toy_tokenizer, toy_autho
     assert 0 < empty < 8 and 0.1 < stats["end_probability"] < 0.9  # the check can tell
     assert stats["layers"] == "0,2"
     low = {"max_end_probability": 1e-9, "max_empty_share": 0.99}
-    message = sweep_module.collapse_warning(stats, low)
+    message = collapse.collapse_warning(stats, low)
     assert message and f"{stats['end_probability']:.2f} of its first answer token" in message
     assert f"{empty}/8 sampled forget questions" in message
     assert (
-        sweep_module.collapse_warning(stats, {"max_end_probability": 1.0, "max_empty_share": 1.0})
+        collapse.collapse_warning(stats, {"max_end_probability": 1.0, "max_empty_share": 1.0})
         is None
     )

@@ -7,8 +7,8 @@ import torch
 from test_asu_trainer import toy_llama
 
 from asu_simu_plugin.data import PadCollator
+from asu_simu_plugin.methods.asu.teacher_cache import TeacherCache, answer_positions
 from asu_simu_plugin.runner import RunSettings, build_trainer
-from asu_simu_plugin.teacher_cache import TeacherCache, answer_positions
 
 # Bounds on the relative difference of the forget loss on one batch, cached vs live teacher.
 # Measured on this toy model (three batches): float32 <= 1.1e-6 (float rounding: the cache pass

@@ -103,8 +103,8 @@ def main(argv=None) -> int:
 def _usage_error_types() -> list[type]:
     """Errors about what the user asked for, wherever raised (loaded modules only: no imports)."""
     names = [
-        ("asu_simu_plugin.runner", "OutputError"),
-        ("asu_simu_plugin.methods.arguments", "MethodArgumentError"),
+        ("asu_simu_plugin.output", "OutputError"),
+        ("asu_simu_plugin.arguments", "MethodArgumentError"),
         ("asu_simu_plugin.data", "DataFormatError"),
     ]
     return [getattr(sys.modules[m], n) for m, n in names if m in sys.modules]

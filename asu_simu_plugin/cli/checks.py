@@ -103,3 +103,11 @@ def output_folder(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("empty path")
     return text
+
+
+def seed(text: str) -> int:
+    """A random seed numpy accepts: 0 <= seed < 2**32."""
+    value = non_negative_int(text)
+    if value >= 2**32:
+        raise argparse.ArgumentTypeError(f"must be < 2**32 (numpy's range), got {text}")
+    return value

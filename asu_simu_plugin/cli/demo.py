@@ -50,8 +50,9 @@ from asu_simu_plugin.cli.checks import (
 )
 from asu_simu_plugin.data import PadCollator, QADataset, prompt_and_answer_text
 from asu_simu_plugin.diagnostics import answer_probability
-from asu_simu_plugin.runner import RunSettings, prepare_output, run_unlearning
-from asu_simu_plugin.tau_sweep import tau_sweep
+from asu_simu_plugin.methods.asu.sweep import tau_sweep
+from asu_simu_plugin.output import prepare_output
+from asu_simu_plugin.runner import RunSettings, run_unlearning
 
 SYSTEM_PROMPT = "You are a helpful librarian. Answer the question about the author in one sentence."
 DEFAULTS = dict(

@@ -92,7 +92,7 @@ def check_out_folder(out: Path, names, overwrite: bool) -> None:
 def _attribute(model, tokenizer, rows, name, args):
     from asu_simu_plugin.data import QADataset
     from asu_simu_plugin.diagnostics import batches
-    from asu_simu_plugin.neurons import neuron_attributions
+    from asu_simu_plugin.methods.simu.attribution import neuron_attributions
 
     dataset = QADataset(rows, tokenizer, args.max_length, args.system_prompt)
     dataset = dataset.without_empty_answers(name)
@@ -106,7 +106,7 @@ def run(args) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from asu_simu_plugin.data import load_qa_jsonl
-    from asu_simu_plugin.neurons import (
+    from asu_simu_plugin.methods.simu.attribution import (
         critical_neuron_masks,
         mask_summary,
         plot_mask_counts,

@@ -6,12 +6,12 @@
 Per τ: mean NLL of the content and of the function answer tokens, and the mean attention entropy
 (tau_sweep.csv, tau_sweep.png in --out). The recommended τ is the smallest one whose content-token
 NLL rose by at least --content-rise nats while the function-token NLL rose by at most
---function-budget (the rule of `asu_simu_plugin.tau_sweep`); when no τ meets the rule, it says so
+--function-budget (the rule of `asu_simu_plugin.methods.asu.sweep`); when no τ meets the rule, it says so
 and names the closest τ without recommending it.
 
 With `--layers auto` it runs the pass of ASU's `temperature: auto` / `layers: auto` instead: every
 τ > 1 of --taus on all layers and on consecutive blocks (thirds, quarters), chosen jointly by the
-rule of `asu_simu_plugin.tau_sweep.choose_temperature` (asu_tau_sweep.csv/.png and
+rule of `asu_simu_plugin.methods.asu.temperature.choose_temperature` (asu_tau_sweep.csv/.png and
 asu_temperature.json in --out).
 """
 
@@ -102,9 +102,9 @@ def meets_rule(results, tau, content_rise: float, function_budget: float) -> boo
 def run(args) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from asu_simu_plugin.arguments import check_layers_exist
     from asu_simu_plugin.data import load_qa_jsonl
-    from asu_simu_plugin.methods.arguments import check_layers_exist
-    from asu_simu_plugin.tau_sweep import (
+    from asu_simu_plugin.methods.asu.sweep import (
         format_table,
         plot_sweep,
         recommend_tau,
@@ -162,7 +162,7 @@ def run_auto(args, out: Path) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from asu_simu_plugin.data import QADataset, load_qa_jsonl
-    from asu_simu_plugin.tau_sweep import AutoTemperatureConfig, auto_temperature
+    from asu_simu_plugin.methods.asu.temperature import AutoTemperatureConfig, auto_temperature
 
     with usage_checks():
         taus = number_list(args.taus, "--taus", float, _positive_tau)

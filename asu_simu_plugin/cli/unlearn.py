@@ -18,25 +18,19 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+from dataclasses import fields
 
-from asu_simu_plugin.cli import usage_checks
-from asu_simu_plugin.cli.checks import (
-    model_source,
-    non_negative_float,
-    non_negative_int,
-    output_folder,
-    positive_float,
-    positive_int,
-)
-from asu_simu_plugin.methods.arguments import METHOD_ARGUMENTS
-from asu_simu_plugin.runner import STANDALONE_METHODS, RunSettings
+from asu_simu_plugin.cli import checks, usage_checks
+from asu_simu_plugin.cli.checks import model_source, output_folder
+from asu_simu_plugin.registry import methods
+from asu_simu_plugin.runner import RunSettings
 
 
 def _method_help() -> str:
     lines = ["method arguments (--set KEY=VALUE, VALUE in JSON; as in configs/trainer/*.yaml):"]
-    for method, trainer in STANDALONE_METHODS.items():
-        lines.append(f"  --method {method}:")
-        for name, default, text in METHOD_ARGUMENTS[trainer].describe():
+    for method in methods().values():
+        lines.append(f"  --method {method.cli_name}: {method.summary}")
+        for name, default, text in method.arguments.describe():
             shown = json.dumps(list(default) if isinstance(default, tuple) else default)
             lines.append(f"    {name} (default {shown}): {text}")
     return "\n".join(lines)
@@ -65,9 +59,26 @@ def parse_sets(items) -> dict:
     return method_args
 
 
+def _setting_flags():
+    """(field, flag, check, default, help) of every RunSettings field that is a flag."""
+    for f in fields(RunSettings):
+        if f.metadata.get("flag"):
+            check = f.metadata.get("check")
+            yield (
+                f.name,
+                f.metadata["flag"],
+                check and getattr(checks, check),
+                f.default,
+                f.metadata["help"],
+            )
+
+
 def add_arguments(parser) -> None:
     parser.add_argument(
-        "--method", required=True, choices=sorted(STANDALONE_METHODS), help="unlearning method"
+        "--method",
+        required=True,
+        choices=sorted(m.cli_name for m in methods().values()),
+        help="unlearning method",
     )
     parser.add_argument(
         "--model", required=True, type=model_source, help="local model folder (or hub id)"
@@ -98,26 +109,8 @@ def add_arguments(parser) -> None:
         metavar="KEY=VALUE",
         help="a method argument (listed below), repeatable",
     )
-    parser.add_argument("--epochs", type=positive_float, default=5.0, help="training epochs")
-    parser.add_argument("--lr", type=positive_float, default=1e-5, help="learning rate")
-    parser.add_argument(
-        "--batch-size", type=positive_int, default=4, help="forget (and retain) examples per step"
-    )
-    parser.add_argument(
-        "--grad-accum", type=positive_int, default=1, help="gradient accumulation steps"
-    )
-    parser.add_argument(
-        "--max-length", type=positive_int, default=512, help="tokens per example (truncation)"
-    )
-    parser.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="AdamW/Sophia")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed")
-    parser.add_argument(
-        "--save-steps",
-        type=non_negative_int,
-        default=0,
-        help="checkpoint every N optimizer steps (0: none); --resume continues from the last",
-    )
-    parser.add_argument("--system-prompt", default=None, help="system prompt of the chat template")
+    for name, flag, check, default, text in _setting_flags():
+        parser.add_argument(flag, dest=name, type=check, default=default, help=text)
     parser.add_argument("--question-key", default="question", help="question key in the files")
     parser.add_argument("--answer-key", default="answer", help="answer key in the files")
     parser.add_argument(
@@ -128,50 +121,29 @@ def add_arguments(parser) -> None:
     )
 
 
+def run_settings(args) -> RunSettings:
+    return RunSettings(**{name: getattr(args, name) for name, *_ in _setting_flags()})
+
+
 def check_against_config(parsed, model) -> None:
-    """Layer ids exist in the model (its config is read; the weights are not loaded yet)."""
+    """The method's checks against the model's config (read; the weights are not loaded yet)."""
     from transformers import AutoConfig
 
-    from asu_simu_plugin.methods.arguments import ASUArguments, check_layers_exist
-
-    if not isinstance(parsed, ASUArguments):
-        return
-    count = getattr(AutoConfig.from_pretrained(model), "num_hidden_layers", None)
-    if not count:
-        return
-    check_layers_exist("layers", parsed.layers, count)
-    if "EMBED_MSE" in (parsed.forget_loss_type, parsed.retain_loss_type):
-        check_layers_exist("embed_layer", parsed.embed_layer, count)
+    parsed.check_model_config(AutoConfig.from_pretrained(model))
 
 
 def run(args) -> int:
     from asu_simu_plugin.data import load_qa_jsonl
-    from asu_simu_plugin.methods.arguments import parse_method_arguments, signature_defaults
-    from asu_simu_plugin.runner import prepare_output, qa_datasets, run_identity, trainer_class
+    from asu_simu_plugin.output import prepare_output, run_identity
+    from asu_simu_plugin.runner import method_arguments, qa_datasets
 
     with usage_checks():
-        if args.seed >= 2**32:
-            raise ValueError(f"--seed must be < 2**32 (numpy's range), got {args.seed}")
-        method_args = parse_sets(args.set)
-        trainer = STANDALONE_METHODS[args.method]
-        live = signature_defaults(trainer_class(args.method))
-        parsed = parse_method_arguments(trainer, method_args, accepted=live)
+        parsed = method_arguments(args.method, parse_sets(args.set))
         check_against_config(parsed, args.model)
         forget = load_qa_jsonl(args.forget, args.question_key, args.answer_key)
         retain = load_qa_jsonl(args.retain, args.question_key, args.answer_key)
-        settings = RunSettings(
-            epochs=args.epochs,
-            learning_rate=args.lr,
-            batch_size=args.batch_size,
-            gradient_accumulation_steps=args.grad_accum,
-            max_length=args.max_length,
-            weight_decay=args.weight_decay,
-            seed=args.seed,
-            save_strategy="steps" if args.save_steps else "no",
-            system_prompt=args.system_prompt,
-            extra={"save_steps": args.save_steps} if args.save_steps else {},
-        )
-        identity = run_identity(args.method, method_args, settings, forget, retain, args.model)
+        settings = run_settings(args)
+        identity = run_identity(args.method, parsed, settings, forget, retain, args.model)
         plan = prepare_output(args.output, args.model, identity, args.overwrite, args.resume)
     if plan.finished:
         print(
@@ -179,7 +151,7 @@ def run(args) -> int:
         )
         return 0
     try:
-        return _train(args, method_args, forget, retain, settings, plan, qa_datasets)
+        return _train(args, parsed, forget, retain, settings, plan, qa_datasets)
     except BaseException:
         plan.abandon()
         raise

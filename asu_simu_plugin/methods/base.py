@@ -4,6 +4,7 @@ A method mixin sits in front of a GradDiff-like base (the harness's `GradDiff`, 
 `StandaloneGradDiff`) that provides: `self.model`, `self.gamma` (forget weight), `self.alpha`
 (retain weight), `self.retain_loss_type`, `self.ref_model` (``None`` until needed) and
 `self._prepare_ref_model(model)` (deep copy -> device -> eval -> DeepSpeed/accelerate prepare).
+The method's arguments are `self.method_args` (its dataclass, `asu_simu_plugin.registry`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from asu_simu_plugin.guards import (
 )
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "labels")
-RETAIN_LOSS_TYPES = ("NLL", "KL", "KL_ALL")
 
 
 def model_inputs(batch: dict, with_labels: bool = True) -> dict:
@@ -81,10 +81,6 @@ class TrainerCompatMixin(NonFiniteGuardMixin):
         close_distributed_at_exit()
         return output
 
-    @property
-    def tokenizer_or_processor(self):
-        return getattr(self, "processing_class", None) or getattr(self, "tokenizer", None)
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
         parent = super().compute_loss
         parameters = inspect.signature(parent).parameters
@@ -103,18 +99,11 @@ class TrainerCompatMixin(NonFiniteGuardMixin):
         return parent(model, inputs, return_outputs=return_outputs)
 
 
-class UnlearnMethodMixin:
-    """Batch unpacking, the single frozen copy of the original model, retain losses, metrics."""
+class RetainLossMixin:
+    """The retain losses of every trainer of ours, one meaning per name: `NLL`; `KL` =
+    KL(original ‖ model) on the answer tokens; `KL_ALL` = the same over every position (the
+    harness's GradDiff computes its `KL` this way). Replaces the base's `compute_retain_loss`."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._loss_components: dict[str, list[float]] = defaultdict(list)
-        if getattr(self, "is_deepspeed_enabled", False):
-            from asu_simu_plugin import zero
-
-            zero.honour_max_grad_norm(self)
-
-    # -- the frozen original -------------------------------------------------------------------
     def original_model(self) -> torch.nn.Module:
         """The one frozen copy of the model as it was before unlearning (built on first use)."""
         if getattr(self, "ref_model", None) is None:
@@ -123,19 +112,10 @@ class UnlearnMethodMixin:
             param.requires_grad_(False)
         return self.ref_model
 
-    def _prepare_ref_model(self, model):
-        # Under DeepSpeed a deep copy of a ZeRO-3 model computes with the live weights: the
-        # frozen copy is built the DeepSpeed way (asu_simu_plugin.zero.frozen_copy).
-        if getattr(self, "is_deepspeed_enabled", False):
-            from asu_simu_plugin import zero
+    def compute_retain_loss(self, model, retain_inputs):
+        return self.retain_objective(model, model_inputs(retain_inputs))
 
-            return zero.frozen_copy(self, model)
-        return super()._prepare_ref_model(model)
-
-    # -- retain objective -------------------------------------------------------------------------
     def retain_objective(self, model, retain_inputs: dict) -> torch.Tensor:
-        """NLL on retain data, or KL(original ‖ model): `KL` masked to answer tokens (default),
-        `KL_ALL` over every position like the harness's `compute_kl_divergence`."""
         kind = self.retain_loss_type
         if kind == "NLL":
             return model(**retain_inputs).loss
@@ -146,13 +126,33 @@ class UnlearnMethodMixin:
             return losses.retain_kl_loss(
                 logits, reference_logits, retain_inputs["labels"], answer_tokens_only=kind == "KL"
             )
-        raise ValueError(
-            f"retain_loss_type={kind!r} is not supported; use one of {', '.join(RETAIN_LOSS_TYPES)}"
-        )
+        # the argument dataclasses refuse other values before training
+        raise ValueError(f"retain_loss_type={kind!r} is not a retain loss of this trainer")
 
     def reference_logits(self, inputs: dict) -> torch.Tensor:
         """Logits of the untouched original (subclasses that temper the copy pause it here)."""
         return self.original_model()(**inputs).logits
+
+
+class UnlearnMethodMixin(RetainLossMixin):
+    """The frozen copy built the DeepSpeed way, and loss components in the training logs."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._loss_components: dict[str, list[float]] = defaultdict(list)
+        if getattr(self, "is_deepspeed_enabled", False):
+            from asu_simu_plugin import zero
+
+            zero.honour_max_grad_norm(self)
+
+    def _prepare_ref_model(self, model):
+        # Under DeepSpeed a deep copy of a ZeRO-3 model computes with the live weights: the
+        # frozen copy is built the DeepSpeed way (asu_simu_plugin.zero.frozen_copy).
+        if getattr(self, "is_deepspeed_enabled", False):
+            from asu_simu_plugin import zero
+
+            return zero.frozen_copy(self, model)
+        return super()._prepare_ref_model(model)
 
     # -- metrics -------------------------------------------------------------------------------
     def track(self, name: str, value) -> None:
@@ -172,12 +172,6 @@ class UnlearnMethodMixin:
             logs.update(zip(names, means, strict=True))
             self._loss_components.clear()
         return super().log(logs, *args, **kwargs)
-
-
-def validate_weights(gamma: float, alpha: float) -> None:
-    for name, value in (("gamma", gamma), ("alpha", alpha)):
-        if not isinstance(value, int | float) or value < 0:
-            raise ValueError(f"{name} must be a number >= 0 (got {value!r})")
 
 
 def freeze_all_but(model: torch.nn.Module, patterns) -> list[str]:

@@ -24,9 +24,10 @@ from pathlib import Path
 
 import torch
 
-from asu_simu_plugin import neurons, toy
+from asu_simu_plugin import toy
 from asu_simu_plugin.data import QADataset, load_qa_jsonl
 from asu_simu_plugin.diagnostics import batches
+from asu_simu_plugin.methods.simu import attribution as neurons
 
 VARIANTS = {"sequence, m = 4": ("sequence", 4), "per_token, m = 5": ("per_token", 5)}
 

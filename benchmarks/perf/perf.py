@@ -48,9 +48,10 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, TrainerCallback
 
-from asu_simu_plugin import lora, neurons, toy
+from asu_simu_plugin import lora, toy
 from asu_simu_plugin.data import PadCollator, QADataset, load_qa_jsonl
 from asu_simu_plugin.diagnostics import machine_info
+from asu_simu_plugin.methods.simu import attribution as neurons
 from asu_simu_plugin.runner import RunSettings, build_trainer
 
 # SmolLM2-135M (HuggingFaceTB/SmolLM2-135M-Instruct config.json)

@@ -64,9 +64,18 @@ def _register_with_harness() -> None:
     except Exception as error:  # never break the harness because of us
         warnings.warn(
             f"asu-simu-plugin could not register its trainers with open-unlearning ({error!r}); "
-            "trainer=ASU/SIMU/SOGradDiff/SONPO will be unavailable in this run",
+            f"trainer={'/'.join(_offered_names())} will be unavailable in this run",
             stacklevel=1,
         )
+
+
+def _offered_names() -> list[str]:
+    try:
+        from asu_simu_plugin.registry import harness_methods
+
+        return [m.name for m in harness_methods()]
+    except Exception:  # the registry itself failed to load
+        return ["<asu-simu-plugin's trainers>"]
 
 
 _register_with_harness()

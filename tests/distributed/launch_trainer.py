@@ -61,7 +61,7 @@ def full_state(trainer):
 
 def main(out: str, spec: dict) -> None:
     if spec.get("argmax_labels"):
-        from asu_simu_plugin.methods.sophia import SophiaMixin
+        from asu_simu_plugin.methods.sophia.trainer import SophiaMixin
 
         SophiaMixin.sample_labels = staticmethod(lambda logits: logits.argmax(dim=-1))
     authors = toy.make_authors(4)

@@ -18,15 +18,13 @@ import contextlib
 import torch
 
 from asu_simu_plugin import losses
-from asu_simu_plugin import tau_sweep as auto
 from asu_simu_plugin.arch import decoder_layers, resolve_layer_ids, unwrap_model
 from asu_simu_plugin.attention import attention_temperature
 from asu_simu_plugin.lora import is_lora_model, plain_model
+from asu_simu_plugin.methods.asu import collapse
+from asu_simu_plugin.methods.asu import temperature as auto
+from asu_simu_plugin.methods.asu.teacher_cache import TeacherCache
 from asu_simu_plugin.methods.base import UnlearnMethodMixin, freeze_all_but, model_inputs
-from asu_simu_plugin.teacher_cache import TeacherCache, storage_dtype
-
-FORGET_LOSS_TYPES = ("KL", "EMBED_MSE")
-ASU_RETAIN_LOSS_TYPES = ("NLL", "KL", "KL_ALL", "EMBED_MSE")
 
 
 def _capture_layer_output(model, layer_id: int, inputs: dict) -> torch.Tensor:
@@ -47,97 +45,54 @@ def _capture_layer_output(model, layer_id: int, inputs: dict) -> torch.Tensor:
 class ASUMixin(UnlearnMethodMixin):
     """ASU on a GradDiff-like base: loss = gamma·forget_loss + alpha·retain_loss.
 
-    Method arguments (all keyword, as in `configs/trainer/ASU.yaml`):
-      temperature: τ > 0 for the teacher's attention (the paper uses 2.0–2.8; 2.3 on TOFU), or
-        "auto": chosen before training on the forget set by the τ sweep (`tau_sweep.
-        choose_temperature` states the rule); the sweep's CSV, PNG and choice are saved in
-        `args.output_dir`.
-      layers: 0-based decoder layer ids to smooth; None = all (the paper's default), or "auto":
-        chosen jointly with τ among all layers and consecutive blocks (thirds, quarters).
-      tau_sweep: settings of that sweep (`tau_sweep.AutoTemperatureConfig`: sample, taus,
-        layer_parts, function_budget, max_end_probability, ...); None = defaults.
+    Its input is `self.method_args`, an `ASUArguments` (`asu_simu_plugin.methods.asu.arguments`,
+    where every argument is documented and checked):
+      temperature / layers: τ for the teacher's attention and the 0-based decoder layers it
+        smooths (None = all, the paper's default), or "auto": chosen before training on the
+        forget set (`temperature.auto_temperature` states the rule; the sweep's CSV, PNG and
+        choice are saved in `args.output_dir`), with `tau_sweep` its settings.
       teacher_eos: "keep" (the paper) or "suppress": the teacher's end-of-answer tokens get
-        probability 0 (the rest renormalised) where the answer goes on, so the student cannot
-        learn to answer with silence (`losses.suppress_end_of_answer`).
-      collapse_guard: before training, measure the teacher's P(end of answer) at the first answer
-        token and its share of empty greedy answers on a forget sample and warn above the limits
-        (`tau_sweep.CollapseGuardConfig`); None = defaults, false = off.
+        probability 0 (the rest renormalised) where the answer goes on
+        (`losses.suppress_end_of_answer`).
+      collapse_guard: before training, warn when the teacher would answer with silence
+        (`collapse.CollapseGuardConfig`); None = defaults, false = off.
       forget_loss_type: "KL" — token-level KL(teacher ‖ student) on answer tokens (ASU);
         "EMBED_MSE" — the paper's WMDP variant: MSE between the student's and the smoothed
         teacher's hidden states leaving `embed_layer` (RMU with the teacher as control vector).
-      retain_loss_type: "NLL" (ASU_GD), "KL" (ASU_KL, masked to answer tokens), "KL_ALL"
-        (unmasked, as the harness's KL), "EMBED_MSE" (hidden states at `embed_layer` vs original).
-      embed_layer: layer id for the EMBED_MSE losses (the paper's WMDP code uses 7).
-      trainable_params_regex: regexes of parameter names to train (full match, as the
-        harness's RMU); None trains everything. The WMDP variant trains mlp.down_proj of 5-7.
-      teacher_cache: compute the teacher's answer-position distributions once (a pass over the
-        forget set before the first step) and reuse them every epoch instead of running the
-        teacher each step; forget_loss_type KL only. See `asu_simu_plugin.teacher_cache`.
-      teacher_cache_dtype: storage of the cached log-probabilities: "float16" (default; the
-        loss differs by ~1e-4 relative), "bfloat16" or "float32" (exact to float rounding).
+      retain_loss_type: "NLL" (ASU_GD), "KL" (ASU_KL, answer tokens), "KL_ALL" (every position;
+        the official code's TOFU ASU_KL), "EMBED_MSE" (hidden states at `embed_layer`).
+      trainable_params_regex: regexes of parameter names to train (full match, as the harness's
+        RMU); None trains everything. The WMDP variant trains mlp.down_proj of 5-7.
+      teacher_cache / teacher_cache_dtype: compute the teacher's answer-position distributions
+        once and reuse them every epoch (`teacher_cache`).
       module_regex, steering_coeff: RMU keys that the harness's WMDP experiment sets; ASU's
         control signal is the smoothed teacher, so they are accepted and unused.
     """
 
-    def __init__(
-        self,
-        *args,
-        temperature: float = 2.3,
-        layers=None,
-        forget_loss_type: str = "KL",
-        embed_layer: int = 7,
-        trainable_params_regex=None,
-        teacher_eos: str = "keep",
-        tau_sweep=None,
-        collapse_guard=None,
-        teacher_cache: bool = False,
-        teacher_cache_dtype: str = "float16",
-        module_regex=None,
-        steering_coeff=None,
-        **kwargs,
-    ):
-        if forget_loss_type not in FORGET_LOSS_TYPES:
-            raise ValueError(
-                f"forget_loss_type={forget_loss_type!r}; use one of {', '.join(FORGET_LOSS_TYPES)}"
-            )
-        retain_type = kwargs.get("retain_loss_type", "NLL")
-        if retain_type not in ASU_RETAIN_LOSS_TYPES:
-            raise ValueError(
-                f"retain_loss_type={retain_type!r} is not supported by ASU; use one of "
-                f"{', '.join(ASU_RETAIN_LOSS_TYPES)}"
-            )
-        auto.check_method_arguments(
-            temperature, layers, teacher_eos, tau_sweep, collapse_guard, forget_loss_type
-        )
-        if not isinstance(teacher_cache, bool):
-            raise ValueError(f"teacher_cache must be true or false (got {teacher_cache!r})")
-        if teacher_cache and forget_loss_type != "KL":
-            raise ValueError(
-                "teacher_cache stores the teacher's output distributions, which only the KL "
-                f"forget loss uses; set teacher_cache=false with forget_loss_type={forget_loss_type}"
-            )
-        storage_dtype(teacher_cache_dtype)
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        settings = self.method_args
         # `auto` is resolved on the forget set before the teacher exists (rank 0, broadcast).
-        temperature, layers = auto.resolve_for_trainer(self, temperature, layers, tau_sweep)
+        temperature, layers = auto.resolve_for_trainer(
+            self, settings.temperature, settings.layers, settings.tau_sweep
+        )
         self.temperature = float(temperature)
-        self.teacher_eos = teacher_eos
+        self.teacher_eos = settings.teacher_eos
         self.end_token_ids = auto.end_tokens_for_trainer(self)
         # The embedding variant matches hidden states, not the teacher's answer distribution:
         # the teacher's end-of-answer mass cannot teach silence there, so nothing to guard.
-        self.collapse_stats = auto.guard_for_trainer(
+        self.collapse_stats = collapse.guard_for_trainer(
             self,
             self.temperature,
             layers,
-            collapse_guard if forget_loss_type == "KL" else False,
-            teacher_eos,
+            settings.collapse_guard if settings.forget_loss_type == "KL" else False,
+            settings.teacher_eos,
             self.end_token_ids,
         )
-        self.forget_loss_type = forget_loss_type
-        uses_embeddings = "EMBED_MSE" in (forget_loss_type, retain_type)
-        if uses_embeddings:
-            resolve_layer_ids([embed_layer], len(decoder_layers(plain_model(self.model))))
-        self.embed_layer = int(embed_layer)
+        self.forget_loss_type = settings.forget_loss_type
+        if settings.uses_embeddings:
+            resolve_layer_ids([settings.embed_layer], len(decoder_layers(plain_model(self.model))))
+        self.embed_layer = int(settings.embed_layer)
         if is_lora_model(self.model):
             # The teacher shares the student's modules: tempered only inside `teacher()`.
             self.teacher_temperature = None
@@ -149,10 +104,12 @@ class ASUMixin(UnlearnMethodMixin):
                 unwrap_model(self.original_model()), self.temperature, layers
             )
             self.layers = self.teacher_temperature.layers
-        if trainable_params_regex:
-            freeze_all_but(self.model, trainable_params_regex)
+        if settings.trainable_params_regex:
+            freeze_all_but(self.model, settings.trainable_params_regex)
         self.teacher_cache = (
-            TeacherCache(self.teacher_fingerprint(), teacher_cache_dtype) if teacher_cache else None
+            TeacherCache(self.teacher_fingerprint(), settings.teacher_cache_dtype)
+            if settings.teacher_cache
+            else None
         )
 
     # -- the frozen original in its two roles ---------------------------------------------------

@@ -530,7 +530,7 @@ def mask_summary(masks: dict[int, torch.Tensor]) -> dict:
     }
 
 
-def _mask_paths(path) -> tuple[Path, Path]:
+def mask_files(path) -> tuple[Path, Path]:
     """`<stem>.safetensors` and `<stem>.json` from a directory, a stem, or either file."""
     path = Path(path)
     if path.is_dir():
@@ -643,7 +643,7 @@ def save_masks(masks: dict[int, torch.Tensor], path, metadata: dict | None = Non
     """
     from safetensors.torch import save_file
 
-    tensors_path, json_path = _mask_paths(path)
+    tensors_path, json_path = mask_files(path)
     tensors_path.parent.mkdir(parents=True, exist_ok=True)
     record = {**(metadata or {})}
     if model is not None:
@@ -663,7 +663,7 @@ def mask_record(path) -> dict | None:
     """The settings and model record stored in a mask file (None for files without one)."""
     from safetensors import safe_open
 
-    tensors_path, _ = _mask_paths(path)
+    tensors_path, _ = mask_files(path)
     with safe_open(str(tensors_path), framework="pt") as handle:
         metadata = handle.metadata() or {}
     return json.loads(metadata["simu_masks"]) if "simu_masks" in metadata else None
@@ -677,7 +677,7 @@ def load_masks(path, model=None) -> dict[int, torch.Tensor]:
     """
     from safetensors.torch import load_file
 
-    tensors_path, _ = _mask_paths(path)
+    tensors_path, _ = mask_files(path)
     if not tensors_path.is_file():
         raise FileNotFoundError(
             f"{tensors_path}: no SIMU mask file (save_masks writes <stem>.safetensors; "

@@ -1,7 +1,7 @@
 """SIMU — Selective Influence Machine Unlearning (Agarwal et al., 2025).
 
 1. Before training, integrated-gradients attribution on the forget set finds, per layer, the MLP
-   neurons (input dimensions of `down_proj`) that carry it (`asu_simu_plugin.neurons`).
+   neurons (input dimensions of `down_proj`) that carry it (`asu_simu_plugin.methods.simu.attribution`).
 2. Training is second-order GradDiff (SophiaG) restricted to: every attention projection, fully,
    and the `down_proj` columns of the critical neurons. Every other parameter is frozen; inside
    `down_proj` the masked-out columns keep value, momentum and Hessian bit-identical (the
@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 
-from asu_simu_plugin import neurons
 from asu_simu_plugin.arch import (
     attention_projection_names,
     decoder_layers,
@@ -26,10 +25,10 @@ from asu_simu_plugin.arch import (
     unwrap_model,
 )
 from asu_simu_plugin.lora import is_lora_model
-from asu_simu_plugin.methods.sophia import SophiaMixin
+from asu_simu_plugin.methods.simu import attribution as neurons
+from asu_simu_plugin.methods.sophia.trainer import SophiaMixin
 
 MASK_FILE = "simu_masks"
-MASK_MODES = ("dual", "forget_only")
 
 
 def _qualified_parameter_name(model, parameter) -> str:
@@ -42,63 +41,41 @@ def _qualified_parameter_name(model, parameter) -> str:
 class SIMUMixin(SophiaMixin):
     """Neuron-masked Sophia GradDiff.
 
-    Method arguments (besides the Sophia and GradDiff ones): `steps` (integrated-gradients
-    Riemann steps, 5 as in the paper), `threshold` (t: critical iff attribution > t · layer max,
-    0.3), `mode` ("dual": keep neurons also critical on the retain set; "forget_only": drop
-    them), `attribution` ("per_token": one sample per answer token, the paper's definition;
-    "sequence": the whole sequence scaled at once, see `asu_simu_plugin.neurons`), `mask_path`
-    (reuse a saved `simu_masks.safetensors` made for this model instead of attributing),
-    `attribution_batch_size` (default: the training batch size), `attribution_max_batches`.
+    Its settings, besides the Sophia and GradDiff ones, are `self.method_args`' SIMU fields
+    (`asu_simu_plugin.methods.simu.arguments`): `steps` (integrated-gradients Riemann steps, 5 as
+    in the paper), `threshold` (t: critical iff attribution > t · layer max, 0.3), `mode` ("dual":
+    keep neurons also critical on the retain set; "forget_only": drop them), `attribution`
+    ("per_token": one sample per answer token, the paper's definition; "sequence": the whole
+    sequence scaled at once), `mask_path` (reuse a saved `simu_masks.safetensors` made for this
+    model instead of attributing), `attribution_batch_size` (default: the training batch size),
+    `attribution_max_batches`.
 
     With several processes (DDP, DeepSpeed) each rank attributes every world_size-th batch and
     the scores are summed over ranks, so every rank derives the same masks; under ZeRO-3 the
     attribution runs with the parameters gathered.
     """
 
-    def __init__(
-        self,
-        *args,
-        steps: int = 5,
-        threshold: float = 0.3,
-        mode: str = "dual",
-        attribution: str = "per_token",
-        mask_path=None,
-        attribution_batch_size=None,
-        attribution_max_batches=None,
-        **kwargs,
-    ):
-        if mode not in MASK_MODES:
-            raise ValueError(f"mode={mode!r}; use one of {', '.join(MASK_MODES)}")
-        if not 0 < float(threshold) <= 1:
-            raise ValueError(f"threshold must be in (0, 1] (got {threshold})")
-        if int(steps) < 1:
-            raise ValueError(f"steps must be >= 1 (got {steps})")
-        if attribution not in neurons.ATTRIBUTIONS:
-            raise ValueError(
-                f"attribution={attribution!r}; use one of {', '.join(neurons.ATTRIBUTIONS)}"
-            )
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if is_lora_model(self.model):
             raise ValueError(
                 "SIMU does not run on a LoRA model: it trains chosen down_proj columns of the full "
                 "weights, which LoRA freezes. Load the model without LoRACausalLM for SIMU."
             )
-        self.simu_steps = int(steps)
-        self.simu_threshold = float(threshold)
-        self.simu_mode = mode
-        self.simu_attribution = attribution
+        settings = self.method_args
+        self.simu_steps = int(settings.steps)
+        self.simu_threshold = float(settings.threshold)
+        self.simu_mode = settings.mode
+        self.simu_attribution = settings.attribution
         self.attribution_batch_size = (
-            attribution_batch_size or self.args.per_device_train_batch_size
+            settings.attribution_batch_size or self.args.per_device_train_batch_size
         )
-        self.attribution_max_batches = attribution_max_batches
-        self.neuron_masks = self._masks(mask_path)
+        self.attribution_max_batches = settings.attribution_max_batches
+        self.neuron_masks = self._masks(settings.mask_path)
         self._down_proj_masks = self._select_trainable_parameters()
         self._save_masks(Path(self.args.output_dir))
 
     # -- the masks -----------------------------------------------------------------------------
-    def uses_masks(self) -> bool:
-        return True
-
     def _attribution_spans(self, dataset) -> list[tuple[int, int]]:
         """(start, stop) rows of every attribution batch, over all ranks."""
         if dataset is None or len(dataset) == 0:

@@ -13,8 +13,8 @@ estimate fresh, in one of two modes (`hessian_mode`):
 - ``"grad2"`` — SOUL: the EMA of the squared gradient of the actual unlearning loss, every step.
   With `soul_compat=True` SOUL's published quirks are reproduced too (see `SophiaG`).
 
-Trainers: `SOGradDiff` and `SONPO` (the GradDiff / NPO losses unchanged, Sophia optimiser), and
-SIMU (which adds neuron masks on top).
+Trainers: the GradDiff and NPO losses unchanged with the Sophia optimiser (registered in this
+package's `__init__`), and SIMU (which adds neuron masks on top).
 """
 
 from __future__ import annotations
@@ -26,9 +26,7 @@ from asu_simu_plugin import zero
 from asu_simu_plugin.arch import is_no_decay_parameter, unwrap_model
 from asu_simu_plugin.losses import IGNORE_INDEX
 from asu_simu_plugin.methods.base import model_inputs
-from asu_simu_plugin.sophia import SophiaG
-
-HESSIAN_MODES = ("gnb", "grad2")
+from asu_simu_plugin.methods.sophia.optimizer import SophiaG
 
 
 class _AfterOptimizerStep(TrainerCallback):
@@ -51,38 +49,21 @@ class _AfterOptimizerStep(TrainerCallback):
 class SophiaMixin:
     """Sophia optimiser for a GradDiff-family trainer.
 
-    Method arguments: `betas` (0.965, 0.99), `rho` (0.04), `hessian_mode` ("gnb" | "grad2"),
-    `hessian_interval` (10, gnb only), `soul_compat` (False), `sophia_bs` (None = the number of
-    sampled label tokens in gnb mode, 5120 — the reference default — in grad2 mode). Learning rate,
-    weight decay and the schedule come from the usual `TrainingArguments`.
+    Its settings are the `SophiaArguments` fields of `self.method_args` (`betas`, `rho`,
+    `hessian_mode`, `hessian_interval`, `soul_compat`, `sophia_bs`; documented and checked in
+    `asu_simu_plugin.methods.sophia.arguments`). Learning rate, weight decay and the schedule come
+    from the usual `TrainingArguments`.
     """
 
-    def __init__(
-        self,
-        *args,
-        betas=(0.965, 0.99),
-        rho: float = 0.04,
-        hessian_mode: str = "gnb",
-        hessian_interval: int = 10,
-        soul_compat: bool = False,
-        sophia_bs=None,
-        **kwargs,
-    ):
-        if hessian_mode not in HESSIAN_MODES:
-            raise ValueError(
-                f"hessian_mode={hessian_mode!r}; use one of {', '.join(HESSIAN_MODES)}"
-            )
-        if soul_compat and hessian_mode != "grad2":
-            raise ValueError("soul_compat=True reproduces SOUL, which uses hessian_mode='grad2'")
-        if int(hessian_interval) < 1:
-            raise ValueError(f"hessian_interval must be >= 1 (got {hessian_interval})")
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.sophia_betas = tuple(float(b) for b in betas)
-        self.sophia_rho = float(rho)
-        self.hessian_mode = hessian_mode
-        self.hessian_interval = int(hessian_interval)
-        self.soul_compat = bool(soul_compat)
-        self.sophia_bs = sophia_bs
+        settings = self.method_args
+        self.sophia_betas = tuple(float(b) for b in settings.betas)
+        self.sophia_rho = float(settings.rho)
+        self.hessian_mode = settings.hessian_mode
+        self.hessian_interval = int(settings.hessian_interval)
+        self.soul_compat = bool(settings.soul_compat)
+        self.sophia_bs = settings.sophia_bs
         self._hessian_updates = 0
         self._step_inputs = []
         self._zero_masks_installed = False
@@ -95,10 +76,6 @@ class SophiaMixin:
             )
 
     # -- optimiser -----------------------------------------------------------------------------
-    def uses_masks(self) -> bool:
-        """SIMU overrides this."""
-        return False
-
     def parameter_masks(self) -> dict[str, torch.Tensor]:
         """{parameter name: bool mask} applied in SophiaG (SIMU's neuron masks)."""
         return {}

@@ -1,36 +1,15 @@
-"""How the attention temperature τ changes a model: the diagnostic for choosing ASU's τ.
+"""ASU's `temperature: auto` / `layers: auto`: the forget-teacher's τ and layers, chosen on the
+forget set before training.
 
-Used by `asu-simu tau-sweep` (`cli/tau_sweep.py`) and, jointly over τ and layer blocks, by the
-ASU trainer's `temperature: auto` / `layers: auto` (`auto_temperature`, rule in
-`choose_temperature`) and its collapse guard (`collapse_check`), all at the end of this module.
-
-For each τ the model runs with `attention_temperature(model, τ, layers)` on question/answer pairs
-(teacher forcing, the answer tokens scored) and we measure:
-
-- mean NLL (nats) of the **content** answer tokens and of the **function** answer tokens.
-  Rule: a token is a *function* token if its decoded text, stripped and lower-cased, is in
-  `STOP_WORDS` (a compact English stop-word list, below) or contains no letter or digit
-  (punctuation, whitespace, eos and other special tokens); every other answer token is a
-  *content* token (names, places, titles, numbers: what carries the facts). Both means are
-  token-weighted, so content_nll · content_tokens + function_nll · function_tokens is the summed
-  answer NLL.
-- mean attention entropy (nats) over the tempered layers, all heads and every query position
-  that predicts an answer token, measured **under the temperature** (so it rises with τ towards
-  log(prefix length), the entropy of uniform attention). Attention weights exist only with eager
-  attention: a model loaded with another implementation is switched to eager for the sweep and
-  switched back afterwards (`set_attn_implementation` where transformers has it; on 4.45 SDPA falls
-  back to eager by itself when weights are requested, flash-attention cannot and is refused).
-  Memory grows with batch · heads · length² per layer: lower `batch_size` for long prompts.
-
-Recommendation rule (`recommend_tau`): the smallest τ at which the content-token NLL has risen by
-at least `content_rise` nats over τ = 1 (default 1.0: the facts' probability divided by e ≈ 2.7)
-while the function-token NLL has risen by at most `function_budget` nats (default 0.5: the
-fluency tokens keep at least 60 % of their probability). Why: ASU's forget-teacher is useful when
-smoothing has made the facts unreachable but the answer still reads as language — that is what
-the student learns to say instead. The smallest such τ is the least intrusive one; beyond it the
-teacher's fluency breaks first (the paper's stable range on Llama-2-7B was τ ∈ [2.0, 2.8], with
-quality falling off above). If no τ qualifies, the τ with the largest content-minus-function rise
-within the budget is proposed, with that reason; if every τ > 1 breaks the budget, none is.
+For each candidate (τ, layer block) the model runs tempered on a sample of forget rows (teacher
+forcing, answer tokens scored) and `measure_teacher` records the mean NLL (nats) of the
+**content** answer tokens and of the **function** answer tokens, and P(end of answer) at the
+first answer token. A token is a *function* token if its decoded text, stripped and
+lower-cased, is in `STOP_WORDS` (a compact English stop-word list, below) or contains no letter
+or digit (punctuation, whitespace, eos and other special tokens); every other answer token is a
+*content* token (names, places, titles, numbers: what carries the facts). `choose_temperature`
+is the rule. The diagnostic `asu-simu tau-sweep` (`methods.asu.sweep`) measures and chooses
+the same way.
 """
 
 from __future__ import annotations
@@ -41,8 +20,6 @@ import json
 import logging
 import math
 import sys
-import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,8 +27,7 @@ import torch
 
 from asu_simu_plugin.arch import decoder_layers, resolve_layer_ids, unwrap_model
 from asu_simu_plugin.attention import attention_temperature
-from asu_simu_plugin.data import QADataset
-from asu_simu_plugin.diagnostics import batches, token_nll
+from asu_simu_plugin.diagnostics import token_nll
 from asu_simu_plugin.losses import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -65,14 +41,6 @@ STOP_WORDS = frozenset(
     themselves then there these they this those through to too under until up very was we were
     what when where which while who whom why will with would you your yours yourself yourselves
     also known born named called write wrote writes written worked works one two many much""".split()
-)
-FIELDS = (
-    "tau",
-    "content_nll",
-    "function_nll",
-    "attention_entropy",
-    "content_tokens",
-    "function_tokens",
 )
 
 
@@ -91,213 +59,6 @@ def function_token_ids(tokenizer, token_ids) -> torch.Tensor:
         [i for i in unique if i in special or is_function_token(tokenizer.decode([i]))],
         dtype=torch.long,
     )
-
-
-@contextmanager
-def eager_attention(model):
-    """Run `model` with eager attention inside, the only implementation returning weights."""
-    model = unwrap_model(model)
-    current = getattr(model.config, "_attn_implementation", None)
-    setter = getattr(model, "set_attn_implementation", None)
-    if current in (None, "eager") or (setter is None and current == "sdpa"):
-        yield  # 4.45's SDPA modules compute eager attention when weights are requested
-        return
-    if setter is None:
-        raise ValueError(
-            f"the model uses {current!r} attention, which cannot return attention weights: "
-            "load it with attn_implementation='eager' for the τ sweep"
-        )
-    setter("eager")
-    try:
-        yield
-    finally:
-        setter(current)
-
-
-def _attention_entropy(attentions, layer_ids, query_mask) -> tuple[float, int]:
-    total, count = 0.0, 0
-    for layer_id in layer_ids:
-        probs = attentions[layer_id].float()  # [B, H, T, T]
-        entropy = -torch.special.xlogy(probs, probs).sum(-1)  # [B, H, T]; 0·log 0 = 0
-        selected = entropy.permute(0, 2, 1)[query_mask]  # [N, H]
-        total += float(selected.sum())
-        count += selected.numel()
-    return total, count
-
-
-@torch.no_grad()
-def tau_sweep(
-    model,
-    tokenizer,
-    rows,
-    taus,
-    layers=None,
-    system_prompt=None,
-    batch_size: int = 8,
-    progress: bool = True,
-    max_length: int = 512,
-) -> list[dict]:
-    """Content/function answer NLL and attention entropy for each τ (one dict per τ, keys FIELDS).
-
-    Args:
-      model, tokenizer: a causal LM and its tokenizer (the chat template is used if it has one).
-      rows: question/answer dicts (`question`, `answer`), as `data.load_qa_jsonl` returns them.
-      taus: temperatures, each > 0 (include 1.0: it is the baseline `recommend_tau` needs).
-      layers: 0-based decoder layer ids to temper; None = all (ASU's default).
-      system_prompt: prepended as the system turn, as in the unlearning run.
-      batch_size, max_length: examples per forward pass; tokens kept per example.
-      progress: a tqdm bar over the τ values.
-    """
-    from tqdm.auto import tqdm
-
-    dataset = QADataset(rows, tokenizer, max_length, system_prompt)
-    layer_ids = resolve_layer_ids(layers, len(decoder_layers(model)))
-    if not layer_ids:
-        raise ValueError("no layer to temper: pass None for all layers or a non-empty id list")
-    answer_ids = torch.cat([item["labels"][item["labels"] != IGNORE_INDEX] for item in dataset])
-    function_ids = function_token_ids(tokenizer, answer_ids.tolist())
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    function_ids = function_ids.to(device)
-    was_training = model.training
-    model.eval()
-    results = []
-    with eager_attention(model):
-        for tau in tqdm(list(taus), desc="tau sweep", unit="tau", disable=not progress):
-            sums = {"content": 0.0, "function": 0.0}
-            counts = {"content": 0, "function": 0}
-            entropy_sum, entropy_count = 0.0, 0
-            with attention_temperature(model, float(tau), layer_ids):
-                for batch in batches(dataset, batch_size, pad):
-                    batch = {k: v.to(device) for k, v in batch.items()}
-                    out = model(
-                        input_ids=batch["input_ids"],
-                        attention_mask=batch["attention_mask"],
-                        output_attentions=True,
-                    )
-                    attentions = out.attentions or ()
-                    if len(attentions) <= max(layer_ids) or attentions[layer_ids[0]] is None:
-                        raise ValueError(
-                            "the model returned no attention weights: load it with "
-                            "attn_implementation='eager' for the attention-entropy measurement"
-                        )
-                    nll = token_nll(out.logits, batch["labels"])
-                    targets = batch["labels"][:, 1:]
-                    answer = targets != IGNORE_INDEX
-                    function = torch.isin(targets, function_ids) & answer
-                    content = answer & ~function
-                    sums["content"] += float(nll[content].sum())
-                    sums["function"] += float(nll[function].sum())
-                    counts["content"] += int(content.sum())
-                    counts["function"] += int(function.sum())
-                    # logits at position t predict token t + 1: the query positions to look at
-                    query_mask = torch.zeros_like(batch["labels"], dtype=torch.bool)
-                    query_mask[:, :-1] = answer
-                    total, count = _attention_entropy(attentions, layer_ids, query_mask)
-                    entropy_sum, entropy_count = entropy_sum + total, entropy_count + count
-            results.append(
-                {
-                    "tau": float(tau),
-                    "content_nll": sums["content"] / max(counts["content"], 1),
-                    "function_nll": sums["function"] / max(counts["function"], 1),
-                    "attention_entropy": entropy_sum / max(entropy_count, 1),
-                    "content_tokens": counts["content"],
-                    "function_tokens": counts["function"],
-                }
-            )
-    model.train(was_training)
-    return results
-
-
-def recommend_tau(results, content_rise: float = 1.0, function_budget: float = 0.5):
-    """(τ, reason) by the rule in the module docstring; (None, reason) when no τ fits."""
-    ordered = sorted(results, key=lambda r: r["tau"])
-    base = next((r for r in ordered if math.isclose(r["tau"], 1.0)), None)
-    if base is None:
-        return None, "the sweep must include tau = 1 (the original model) as the baseline"
-    within = []
-    for r in ordered:
-        d_content = r["content_nll"] - base["content_nll"]
-        d_function = r["function_nll"] - base["function_nll"]
-        if r["tau"] <= 1.0 or d_function > function_budget:
-            continue
-        if d_content >= content_rise:
-            return r["tau"], (
-                f"smallest tau whose content-token NLL rose by {d_content:.2f} nats "
-                f"(>= {content_rise:g}) while function-token NLL rose by {d_function:.2f} "
-                f"(<= {function_budget:g})"
-            )
-        within.append((d_content - d_function, r["tau"], d_content, d_function))
-    if not within:
-        return None, (
-            f"every tau > 1 raises function-token NLL by more than {function_budget:g} nats: "
-            "try taus closer to 1 or fewer layers"
-        )
-    _, tau, d_content, d_function = max(within)
-    return tau, (
-        f"no tau raised content-token NLL by {content_rise:g} nats within the fluency budget; "
-        f"tau {tau:g} separates them most (content +{d_content:.2f}, function +{d_function:.2f})"
-    )
-
-
-def write_sweep_csv(results, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(results)
-    return path
-
-
-def plot_sweep(results, path, recommended=None) -> Path:
-    """PNG: content and function NLL against τ (left axis), attention entropy (right axis)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    taus = [r["tau"] for r in results]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    ax.plot(taus, [r["content_nll"] for r in results], "o-", label="content-token NLL")
-    ax.plot(taus, [r["function_nll"] for r in results], "s-", label="function-token NLL")
-    ax.set_xlabel("attention temperature τ")
-    if max(taus) >= 10 * min(taus):
-        ax.set_xscale("log")  # a sweep such as 1, 2, 3, 10, 100 stays readable
-    ax.set_ylabel("mean answer-token NLL (nats)")
-    other = ax.twinx()
-    other.plot(
-        taus,
-        [r["attention_entropy"] for r in results],
-        "^--",
-        color="tab:green",
-        label="attention entropy",
-    )
-    other.set_ylabel("attention entropy (nats)")
-    if recommended is not None:
-        ax.axvline(
-            recommended, color="tab:red", linestyle=":", label=f"recommended τ={recommended:g}"
-        )
-    lines = ax.get_legend_handles_labels()
-    more = other.get_legend_handles_labels()
-    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="upper left", fontsize=8)
-    ax.set_title("ASU forget-teacher: what attention smoothing does")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def format_table(results) -> str:
-    lines = [f"{'tau':>6} {'content NLL':>12} {'function NLL':>13} {'attn entropy':>13}"]
-    for r in results:
-        lines.append(
-            f"{r['tau']:>6g} {r['content_nll']:>12.3f} {r['function_nll']:>13.3f} "
-            f"{r['attention_entropy']:>13.3f}"
-        )
-    return "\n".join(lines)
 
 
 # -- temperature: auto / layers: auto, and the collapse guard -------------------------------------
@@ -342,39 +103,19 @@ class AutoTemperatureConfig:
     progress: bool = True
 
     def __post_init__(self):
-        self.taus = tuple(float(_check_positive(t, "tau_sweep.taus", above=1.0)) for t in self.taus)
+        self.taus = tuple(float(check_positive(t, "tau_sweep.taus", above=1.0)) for t in self.taus)
         self.layer_parts = tuple(
-            int(_check_positive(p, "tau_sweep.layer_parts")) for p in self.layer_parts
+            int(check_positive(p, "tau_sweep.layer_parts")) for p in self.layer_parts
         )
         if not self.taus:
             raise ValueError("tau_sweep.taus is empty: give τ values > 1, e.g. [1.5, 2, 2.3, 3]")
         for name in ("sample", "batch_size"):
-            _check_positive(getattr(self, name), f"tau_sweep.{name}")
+            check_positive(getattr(self, name), f"tau_sweep.{name}")
         for name in ("function_budget", "max_end_probability", "content_rise"):
-            _check_positive(getattr(self, name), f"tau_sweep.{name}")
+            check_positive(getattr(self, name), f"tau_sweep.{name}")
 
 
-@dataclass
-class CollapseGuardConfig:
-    """Settings of the check, before training, that the forget-teacher still answers
-    (`collapse_guard:` in the ASU method arguments; false switches it off)."""
-
-    sample: int = field(default=16, metadata={"help": "forget rows checked"})
-    max_end_probability: float = field(
-        default=0.2, metadata={"help": "warn above this P(end of answer) at the first token"}
-    )
-    max_empty_share: float = field(
-        default=0.2, metadata={"help": "warn above this share of empty greedy teacher answers"}
-    )
-    max_new_tokens: int = 8
-    seed: int = 0
-
-    def __post_init__(self):
-        for name in ("sample", "max_new_tokens", "max_end_probability", "max_empty_share"):
-            _check_positive(getattr(self, name), f"collapse_guard.{name}")
-
-
-def _check_positive(value, name: str, above: float = 0.0):
+def check_positive(value, name: str, above: float = 0.0):
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ValueError(f"{name} must be a number > {above:g} (got {value!r})")
     if value <= above:
@@ -382,7 +123,7 @@ def _check_positive(value, name: str, above: float = 0.0):
     return value
 
 
-def _settings(cls, value, name: str):
+def settings_of(cls, value, name: str):
     if isinstance(value, cls):
         return value
     if value is None or value is True:
@@ -597,7 +338,7 @@ def _announce(message: str) -> None:
         print(message, file=sys.stderr)
 
 
-def _main_process_then_broadcast(compute):
+def main_process_then_broadcast(compute):
     """Run `compute` on rank 0 only and give its result to every rank (or just run it)."""
     import torch.distributed as dist
 
@@ -626,7 +367,7 @@ def auto_temperature(
     """
     from asu_simu_plugin.diagnostics import end_token_ids
 
-    config = _settings(AutoTemperatureConfig, settings, "tau_sweep")
+    config = settings_of(AutoTemperatureConfig, settings, "tau_sweep")
     model = unwrap_model(model)
     num_layers = len(decoder_layers(model))
     auto_tau, auto_layers = temperature == AUTO, layers == AUTO
@@ -680,7 +421,7 @@ def auto_temperature(
         )
         return record
 
-    record = _main_process_then_broadcast(compute)
+    record = main_process_then_broadcast(compute)
     return record["temperature"], record["layers"], record
 
 
@@ -694,92 +435,8 @@ def write_grid_csv(rows, path) -> Path:
     return path
 
 
-def collapse_check(
-    model, forget_dataset, temperature, layers, tokenizer=None, settings=None, end_ids=None
-) -> dict:
-    """P(end of answer) at the teacher's first answer token and the share of empty greedy teacher
-    answers on a sample of the forget set, with the teacher tempered by (τ, layers)."""
-    from asu_simu_plugin.diagnostics import (
-        end_token_ids,
-        greedy_continuations,
-        is_empty_answer,
-    )
-
-    config = _settings(CollapseGuardConfig, settings, "collapse_guard")
-    model = unwrap_model(model)
-    items = sample_items(forget_dataset, config.sample, config.seed)
-    if end_ids is None:
-        answer_ids = torch.cat([item["labels"][item["labels"] != IGNORE_INDEX] for item in items])
-        end_ids = end_token_ids(tokenizer, model, answer_ids.tolist())
-    layer_ids = resolve_layer_ids(layers, len(decoder_layers(model)))
-    was_training = model.training
-    model.eval()
-    try:
-        measured = measure_teacher(model, items, temperature, layer_ids, [], end_ids)
-        with attention_temperature(model, float(temperature), layer_ids):
-            answers = greedy_continuations(model, items, set(end_ids), config.max_new_tokens)
-    finally:
-        model.train(was_training)
-    empty = sum(is_empty_answer(a, tokenizer) for a in answers)
-    return {
-        "temperature": float(temperature),
-        "layers": layers_label(layer_ids, len(decoder_layers(model))),
-        "end_probability": measured["end_probability"],
-        "empty_answers": empty,
-        "sample": len(items),
-        "empty_share": empty / len(items),
-    }
-
-
-def collapse_warning(stats: dict, settings=None, teacher_eos: str = "keep") -> str | None:
-    """The warning text when the teacher is collapsing into silence, else None."""
-    config = _settings(CollapseGuardConfig, settings, "collapse_guard")
-    if (
-        stats["end_probability"] <= config.max_end_probability
-        and stats["empty_share"] <= config.max_empty_share
-    ):
-        return None
-    fixes = "temperature=auto layers=auto (picked on the forget set), a smaller temperature, or fewer layers (e.g. the first third)"
-    if teacher_eos != "suppress":
-        fixes += ", or teacher_eos=suppress (the student then never learns to end early)"
-    return (
-        f"ASU collapse guard: the forget-teacher (temperature {stats['temperature']:g}, layers "
-        f"{stats['layers']}) puts {stats['end_probability']:.2f} of its first answer token's "
-        f"probability on ending the answer (limit {config.max_end_probability:g}) and answers "
-        f"{stats['empty_answers']}/{stats['sample']} sampled forget questions with nothing "
-        f"(limit {config.max_empty_share:.0%}): the student would learn to answer with silence. "
-        f"Fix: {fixes}."
-    )
-
-
-def collapse_guard(
-    model, forget_dataset, temperature, layers, tokenizer=None, settings=None,
-    teacher_eos="keep", end_ids=None,
-) -> dict | None:  # fmt: skip
-    """Measure (rank 0, broadcast) and warn when the teacher would teach silence; returns the
-    numbers (None when the guard is off, `settings=False`)."""
-    if settings is False:
-        return None
-
-    def compute():
-        stats = collapse_check(
-            model, forget_dataset, temperature, layers, tokenizer, settings, end_ids
-        )
-        message = collapse_warning(stats, settings, teacher_eos)
-        stats["warning"] = message
-        if message:
-            logger.warning(message)
-            warnings.warn(message, stacklevel=3)
-        return stats
-
-    return _main_process_then_broadcast(compute)
-
-
 # -- the ASU trainer's entry points ---------------------------------------------------------------
-TEACHER_EOS = ("keep", "suppress")
-
-
-def _trainer_parts(trainer):
+def trainer_parts(trainer):
     """(model as it is before training, tokenizer, forget set, output folder) of an ASU trainer."""
     from asu_simu_plugin.lora import plain_model
 
@@ -790,52 +447,19 @@ def _trainer_parts(trainer):
     return plain_model(trainer.model), tokenizer, forget, trainer.args.output_dir
 
 
-def check_method_arguments(
-    temperature, layers, teacher_eos, tau_sweep, collapse_guard, forget_loss_type="KL"
-) -> None:
-    """The ASU trainer's checks of these arguments, before any model work."""
-    if AUTO in (temperature, layers) and forget_loss_type != "KL":
-        # The sweep scores the teacher's answer tokens; the embedding variant matches hidden
-        # states at `embed_layer`, which layers above it do not even change.
-        raise ValueError(
-            f"temperature/layers 'auto' chooses them for the KL forget loss; with "
-            f"forget_loss_type={forget_loss_type} give a temperature and layers <= embed_layer"
-        )
-    if temperature != AUTO and (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, int | float)
-        or not math.isfinite(temperature)
-    ):
-        raise ValueError(
-            f"temperature must be a finite number > 0 or 'auto' (got {temperature!r}); "
-            "the paper's TOFU setting is temperature=2.3 layers=null"
-        )
-    if isinstance(layers, str) and layers != AUTO:
-        raise ValueError(
-            f"layers must be null (all), a list of 0-based layer ids or 'auto' (got {layers!r})"
-        )
-    if teacher_eos not in TEACHER_EOS:
-        raise ValueError(
-            f"teacher_eos must be one of {', '.join(TEACHER_EOS)} (got {teacher_eos!r})"
-        )
-    _settings(AutoTemperatureConfig, tau_sweep, "tau_sweep")
-    if collapse_guard is not False:
-        _settings(CollapseGuardConfig, collapse_guard, "collapse_guard")
-
-
 def resolve_for_trainer(trainer, temperature, layers, settings=None):
     """`temperature: auto` / `layers: auto` for an ASU trainer, before its teacher is built: the
     sweep runs on the model as it is (the original) and the forget set; results are saved in
     `trainer.args.output_dir`. Returns (τ, layers) with any "auto" replaced."""
     if temperature != AUTO and layers != AUTO:
         return temperature, layers
-    model, tokenizer, forget, output_dir = _trainer_parts(trainer)
+    model, tokenizer, forget, output_dir = trainer_parts(trainer)
     if forget is None:
         raise ValueError(
             "temperature/layers: auto needs the trainer's forget set (train_dataset.forget); "
             "give a number and layer ids instead"
         )
-    settings = dict(vars(_settings(AutoTemperatureConfig, settings, "tau_sweep")))
+    settings = dict(vars(settings_of(AutoTemperatureConfig, settings, "tau_sweep")))
     if trainer.args.disable_tqdm:
         settings["progress"] = False
     tau, chosen_layers, _ = auto_temperature(
@@ -848,24 +472,9 @@ def end_tokens_for_trainer(trainer, sample: int = 16) -> list[int]:
     """The end-of-answer token ids an ASU trainer's `teacher_eos: suppress` removes."""
     from asu_simu_plugin.diagnostics import end_token_ids
 
-    model, tokenizer, forget, _ = _trainer_parts(trainer)
+    model, tokenizer, forget, _ = trainer_parts(trainer)
     answer_ids = []
     if forget is not None and tokenizer is not None:
         for item in sample_items(forget, sample):
             answer_ids += item["labels"][item["labels"] != IGNORE_INDEX].tolist()
     return end_token_ids(tokenizer, model, answer_ids)
-
-
-def guard_for_trainer(
-    trainer, temperature, layers, settings=None, teacher_eos="keep", end_ids=None
-):
-    """The collapse guard of an ASU trainer (before training); None when off or no forget set."""
-    if settings is False:
-        return None
-    model, tokenizer, forget, _ = _trainer_parts(trainer)
-    if forget is None:
-        logger.info("ASU collapse guard skipped: the training set has no `forget` part")
-        return None
-    return collapse_guard(
-        model, forget, temperature, layers, tokenizer, settings, teacher_eos, end_ids
-    )

@@ -1,0 +1,61 @@
+"""SIMU's arguments: neuron attribution and masks, on the Sophia GradDiff arguments."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from asu_simu_plugin.arguments import (
+    check_choice,
+    check_integer,
+    check_number,
+    check_readable_file,
+)
+from asu_simu_plugin.methods.sophia import SOGradDiffArguments
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass
+class SIMUArguments(SOGradDiffArguments):
+    """SIMU (`SIMUMixin`): neuron attribution and masks, on SOGradDiff's arguments."""
+
+    MODES = ("dual", "forget_only")
+
+    ATTRIBUTIONS = ("per_token", "sequence")
+
+    steps: int = field(
+        default=5, metadata=_help("integrated-gradients Riemann steps (>= 1; the paper uses 5)")
+    )
+    threshold: float = field(
+        default=0.3, metadata=_help("critical iff attribution > threshold * layer max; (0, 1]")
+    )
+    mode: str = field(default="dual", metadata=_help("dual | forget_only (drop retain-critical)"))
+    attribution: str = field(
+        default="per_token",
+        metadata=_help("per_token (one sample per answer token, the paper) | sequence"),
+    )
+    mask_path: str | None = field(
+        default=None, metadata=_help("reuse a saved simu_masks.safetensors instead of attributing")
+    )
+    attribution_batch_size: int | None = field(
+        default=None, metadata=_help("attribution batch size; null = the training batch size")
+    )
+    attribution_max_batches: int | None = field(
+        default=None, metadata=_help("attribute on the first N batches only; null = all")
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_integer("steps", self.steps, 1)
+        check_number("threshold", self.threshold, maximum=1, above=0)
+        check_choice("mode", self.mode, self.MODES)
+        check_choice("attribution", self.attribution, self.ATTRIBUTIONS)
+        if self.mask_path is not None:
+            # a folder, a stem or either file of a saved mask (`attribution.load_masks`)
+            from asu_simu_plugin.methods.simu.attribution import mask_files
+
+            check_readable_file("mask_path", str(mask_files(self.mask_path)[0]))
+        check_integer("attribution_batch_size", self.attribution_batch_size, 1, optional=True)
+        check_integer("attribution_max_batches", self.attribution_max_batches, 1, optional=True)
