@@ -1,23 +1,6 @@
-"""Loading the mini benchmarks' run.py scripts in tests, and the stand-ins their tests share."""
+"""Stand-ins the mini benchmarks' tests share."""
 
 from __future__ import annotations
-
-import importlib.util
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_benchmark(name):
-    """benchmarks/<name>/run.py as a module (registered, so dataclasses resolve annotations)."""
-    spec = importlib.util.spec_from_file_location(
-        f"{name}_run", ROOT / "benchmarks" / name / "run.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def fake_harness(tmp_path):
@@ -29,5 +12,10 @@ def fake_harness(tmp_path):
 
 
 class WordTokenizer:
-    def tokenize(self, text):
-        return text.split()
+    """One token per whitespace-separated word, ids in order of first appearance."""
+
+    def __init__(self):
+        self.vocab = {}
+
+    def encode(self, text, add_special_tokens=True):
+        return [self.vocab.setdefault(word, len(self.vocab)) for word in text.split()]

@@ -6,26 +6,43 @@ import math
 from pathlib import Path
 
 import pytest
-from benchmark_support import WordTokenizer, fake_harness, load_benchmark
+from benchmark_support import WordTokenizer, fake_harness
+
+from benchmarks.mini.pipeline import Run
+from benchmarks.mini.report import mean_token_entropy, token_entropy
+from benchmarks.mini.rules import select_rate
+from benchmarks.tofu_mini import run
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_TOFU = ROOT.parent / "shared" / "data" / "locuslab" / "TOFU"
 
 
-def load_pipeline():
-    return load_benchmark("tofu_mini")
-
-
 def test_token_entropy_matches_hand_computation():
-    run = load_pipeline()
+    # ids {7: 2, 3: 1} over 3 tokens: the unigram entropy in bits over log2 3
+    expected = -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3)) / math.log2(3)
+    assert token_entropy([7, 7, 3]) == pytest.approx(expected, rel=1e-12)
+    assert token_entropy([0, 1, 2, 3]) == pytest.approx(1.0)
+    assert token_entropy([5, 5, 5, 5]) == 0.0
+    assert token_entropy([5]) == 0.0 and token_entropy([]) == 0.0
+    # a generation is measured on its token ids
     tok = WordTokenizer()
-    # counts {a: 2, b: 1} over 3 tokens, normalised by ln 3
-    expected = -(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3)) / math.log(3)
-    assert run.token_entropy(tok, "a a b") == pytest.approx(expected, rel=1e-12)
-    assert run.token_entropy(tok, "a b c d") == pytest.approx(1.0)
-    assert run.token_entropy(tok, "the the the the") == 0.0
-    assert run.token_entropy(tok, "single") == 0.0
-    assert run.mean_token_entropy(tok, ["a b", "a a"]) == pytest.approx(0.5)
+    assert mean_token_entropy(tok, ["a a b"]) == pytest.approx(expected, rel=1e-12)
+    assert mean_token_entropy(tok, ["a b c d"]) == pytest.approx(1.0)
+    assert mean_token_entropy(tok, ["the the the the"]) == 0.0
+    assert mean_token_entropy(tok, ["single"]) == 0.0
+    assert mean_token_entropy(tok, ["a b", "a a"]) == pytest.approx(0.5)
+
+
+def test_token_entropy_counts_the_tokens_the_tokenizer_shows(toy_tokenizer):
+    """A real tokenizer: the ids the report encodes are the tokens `tokenize` shows, one to one
+    (no special tokens added), so their entropy is that of the token strings."""
+    text = "The author was born in the city where the author was born."
+    tokens = toy_tokenizer.tokenize(text)
+    assert len(set(tokens)) < len(tokens)  # some tokens repeat
+    first = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+    expected = token_entropy([first[t] for t in tokens])
+    assert 0 < expected < 1
+    assert mean_token_entropy(toy_tokenizer, [text]) == pytest.approx(expected, rel=1e-12)
 
 
 def fake_tree(tmp_path):
@@ -37,7 +54,6 @@ def fake_tree(tmp_path):
 
 
 def test_rows_rates_and_bad_options(tmp_path):
-    run = load_pipeline()
     base = fake_tree(tmp_path)
     args = run.parse_args([*base, "--device", "cpu"])
     assert args.rows == ["SOGradDiff", "SIMU", "NPO", "ASU", "GradDiff", "ASU_tau2.3"]
@@ -75,21 +91,20 @@ def test_rows_rates_and_bad_options(tmp_path):
 
 
 def test_select_rate_rule():
-    run = load_pipeline()
     target = {"model_utility": 0.40}
     grid = {
         1e-5: {"model_utility": 0.40, "forget_quality": 0.01},
         1e-4: {"model_utility": 0.37, "forget_quality": 0.30},  # kept (0.37 >= 0.36)
         2e-4: {"model_utility": 0.20, "forget_quality": 0.90},  # forgets most, utility lost
     }
-    assert run.select_rate(grid, target, 0.9)[0] == 1e-4
-    assert run.select_rate(grid, target, 0.5)[0] == 2e-4
+    assert select_rate(grid, target, 0.9, run.SELECTION)[0] == 1e-4
+    assert select_rate(grid, target, 0.5, run.SELECTION)[0] == 2e-4
     # a tie in forget_quality (discrete KS p-values) goes to the higher utility
     grid[2e-4] = {"model_utility": 0.38, "forget_quality": 0.30}
-    assert run.select_rate(grid, target, 0.9)[0] == 2e-4
+    assert select_rate(grid, target, 0.9, run.SELECTION)[0] == 2e-4
     # nobody keeps the floor: the highest utility
     grid[1e-5]["model_utility"] = 0.39
-    lr, why = run.select_rate(grid, target, 1.0)
+    lr, why = select_rate(grid, target, 1.0, run.SELECTION)
     assert lr == 1e-5 and "no rate kept" in why
 
 
@@ -114,7 +129,6 @@ def test_report_aggregates_seeds_and_compares_at_equal_forgetting(tmp_path):
     import json
     import statistics
 
-    run = load_pipeline()
     base = fake_tree(tmp_path)
     args = run.parse_args(
         [*base, "--methods", "NPO", "ASU", "SOGradDiff", "SIMU", "--grid", "1e-4,2e-4"]
@@ -199,10 +213,9 @@ def test_report_aggregates_seeds_and_compares_at_equal_forgetting(tmp_path):
 
 
 def test_simu_runs_after_the_first_reuse_its_masks(tmp_path):
-    run = load_pipeline()
     args = run.parse_args([*fake_tree(tmp_path), "--methods", "SIMU", "--device", "cpu"])
     pipeline = run.Pipeline(args)
-    first, later = pipeline.runs_of("SIMU")[0], run.Run("SIMU", 2e-4, 1)
+    first, later = pipeline.runs_of("SIMU")[0], Run("SIMU", 2e-4, 1)
     assert pipeline.reused_masks(later) == []  # nothing saved yet: attribute
     masks = pipeline.work / "unlearn" / first.name / "simu_masks.safetensors"
     masks.parent.mkdir(parents=True)
@@ -216,7 +229,6 @@ def test_simu_runs_after_the_first_reuse_its_masks(tmp_path):
 def test_mini_tofu_folder_loads_offline_with_datasets(tmp_path):
     from datasets import load_dataset
 
-    run = load_pipeline()
     harness = fake_harness(tmp_path)
     args = run.parse_args(
         [
@@ -258,7 +270,6 @@ def test_asu_rows_teacher_is_read_from_their_first_run_and_scored(tmp_path):
 
     import yaml
 
-    run = load_pipeline()
     args = run.parse_args(
         [*fake_tree(tmp_path), "--methods", "NPO", "ASU", "ASU_tau2.3", "--grid", "1e-4"]
         + ["--headline", "--out", str(tmp_path / "out")]

@@ -8,18 +8,16 @@ import math
 from pathlib import Path
 
 import pytest
-from benchmark_support import WordTokenizer, fake_harness, load_benchmark
+from benchmark_support import WordTokenizer, fake_harness
+
+from benchmarks.mini.pipeline import Run
+from benchmarks.muse_mini import run
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_MUSE = ROOT.parent / "shared" / "data" / "muse-bench" / "MUSE-News"
 
 
-def load_pipeline():
-    return load_benchmark("muse_mini")
-
-
 def test_covering_articles_finds_cut_and_whole_paragraphs():
-    run = load_pipeline()
     para = "x" * 70
     articles = [f"intro\n\n{para}\n\nend", "other text " * 20, f"A{'b' * 80}C"]
     # a window that starts mid-paragraph of article 2 and then holds article 0's paragraph
@@ -29,7 +27,6 @@ def test_covering_articles_finds_cut_and_whole_paragraphs():
 
 
 def test_knowmem_match_needs_answer_and_every_name():
-    run = load_pipeline()
     articles = ["Greek Prime Minister Kyriakos Mitsotakis said 57 died.", "Mitsotakis: 57"]
     row = {"question": "How many died, according to Kyriakos Mitsotakis?", "answer": "57"}
     assert run.knowmem_articles(row, articles) == {0}
@@ -37,7 +34,6 @@ def test_knowmem_match_needs_answer_and_every_name():
 
 
 def test_cuts_keep_whole_words():
-    run = load_pipeline()
     assert run.tail("alpha beta gamma", 8) == "gamma"
     assert run.head("alpha beta gamma", 12) == "alpha beta"
     assert run.tail("short", 10) == "short" and run.head("short", 10) == "short"
@@ -53,7 +49,6 @@ def muse_tree(tmp_path):
 
 
 def test_method_table_and_scaled_rates(tmp_path):
-    run = load_pipeline()
     base = muse_tree(tmp_path)
     args = run.parse_args([*base, "--device", "cpu"])
     assert args.rows == ["GradDiff", "NPO", "ASU", "SIMU"]
@@ -67,11 +62,11 @@ def test_method_table_and_scaled_rates(tmp_path):
     assert args.rates["ASU"] == [pytest.approx(3e-4)]  # 1e-5 × (3e-4 / 1e-5)
     assert args.rates["SIMU"] == [pytest.approx(1.5e-4)] and args.headline == ["ASU"]
     pipeline = run.Pipeline(args)
-    simu = pipeline.unlearn_overrides(run.tofu.Run("SIMU", 5e-5, 0))
+    simu = pipeline.unlearn_overrides(Run("SIMU", 5e-5, 0))
     assert simu[0] == "experiment=unlearn/muse/simu"
     assert "trainer.method_args.attribution_max_batches=1" in simu
     assert "trainer.method_args.steps=5" in simu
-    asu_kl = pipeline.unlearn_overrides(run.tofu.Run("ASU_KL", 1e-4, 0))
+    asu_kl = pipeline.unlearn_overrides(Run("ASU_KL", 1e-4, 0))
     assert asu_kl == ["experiment=unlearn/muse/asu", "trainer.method_args.retain_loss_type=KL"]
     data = pipeline.unlearn_data_overrides()
     assert "retain_split=forget_2" in data and not any(o.startswith("holdout") for o in data)
@@ -84,7 +79,6 @@ def test_report_selects_lowest_verbmem_and_aggregates_seeds(tmp_path):
     {mean, std} over seeds, ASU vs NPO at equal forgetting, and the stand-in retain paragraph."""
     import statistics
 
-    run = load_pipeline()
     args = run.parse_args(
         [*muse_tree(tmp_path), "--methods", "NPO", "ASU", "--grid", "1e-4,2e-4", "--seeds", "0,1"]
         + ["--out", str(tmp_path / "out"), "--device", "cpu"]
@@ -163,7 +157,6 @@ def test_report_selects_lowest_verbmem_and_aggregates_seeds(tmp_path):
 def test_mini_muse_folder_loads_offline_and_trains_on_what_it_scores(tmp_path):
     from datasets import load_dataset
 
-    run = load_pipeline()
     args = run.parse_args(
         [
             *("--data", str(SHARED_MUSE.parents[1]), "--work", str(tmp_path / "w")),
@@ -209,7 +202,6 @@ def test_mini_muse_folder_loads_offline_and_trains_on_what_it_scores(tmp_path):
 def test_retain_verbmem_call_keeps_only_the_verbmem_metric_on_the_retain_split():
     """Every eval.py call is repeated as the verbmem test on `verbmem/retain`: the other metrics
     and their settings are dropped, the verbmem settings kept, the output goes one level down."""
-    run = load_pipeline()
     m = "eval.muse.metrics"
     main = [
         "experiment=eval/muse/asu_teacher",

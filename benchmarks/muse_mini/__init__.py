@@ -1,0 +1,1 @@
+"""MUSE-mini: `python -m benchmarks.muse_mini.run` (see its README)."""

@@ -1,0 +1,1 @@
+"""TOFU-mini: `python -m benchmarks.tofu_mini.run` (see its README)."""
