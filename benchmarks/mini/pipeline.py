@@ -297,7 +297,7 @@ class Pipeline(Report):
 
     def evaluate_teacher(self, row):
         """The target scored as ASU row `row`'s teacher: how far distilling from it can forget."""
-        from asu_simu_plugin.tau_sweep import layers_label
+        from asu_simu_plugin.methods.asu.temperature import layers_label
 
         tau, layers = self.teacher_setting(row)
         stage, name = f"eval_teacher_{row}", f"teacher_{row}"

@@ -11,7 +11,8 @@ import statistics
 import subprocess
 from pathlib import Path
 
-from .entropy import token_entropy  # TODO(lead): use asu_simu_plugin.diagnostics.token_entropy
+from asu_simu_plugin.diagnostics import token_entropy
+
 from .markdown import markdown
 from .plots import plot_equal_forgetting
 from .rules import SELECTION_RULE, aggregate, equal_forgetting, selection_keys
