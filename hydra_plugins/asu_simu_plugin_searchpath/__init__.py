@@ -6,6 +6,8 @@ Hydra imports every `hydra_plugins.*` module at start-up, in every Hydra applica
 2. registers our trainers / model handlers into the harness registries, but only when the
    running program is open-unlearning's own `src/train.py` or `src/eval.py`. Any other Hydra
    application is left untouched, and nothing here may break one (errors become warnings).
+   In `src/train.py` it also checks our trainers' method arguments before the model loads
+   (`asu_simu_plugin.preflight`).
    `ASU_SIMU_PLUGIN_REGISTER=0` turns this part off: a harness that reads entry points (the
    patch in `patches/`) then finds our classes through them alone.
 """
@@ -55,12 +57,17 @@ def registration_enabled() -> bool:
 
 
 def _register_with_harness() -> None:
-    if not registration_enabled() or running_harness_script() is None:
+    script = running_harness_script()
+    if not registration_enabled() or script is None:
         return
     try:
         from asu_simu_plugin.harness import register
 
         register()
+        if script.name == "train.py":  # our method arguments checked before the model loads
+            from asu_simu_plugin.preflight import install
+
+            install()
     except Exception as error:  # never break the harness because of us
         warnings.warn(
             f"asu-simu-plugin could not register its trainers with open-unlearning ({error!r}); "
