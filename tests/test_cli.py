@@ -11,7 +11,7 @@ from cli_support import unlearn
 from transformers import AutoModelForCausalLM
 
 from asu_simu_plugin.cli import main
-from asu_simu_plugin.methods.simu.attribution import load_masks
+from asu_simu_plugin.methods.simu.masks import load_masks
 from asu_simu_plugin.output import RUN_FILE
 from asu_simu_plugin.registry import get_method
 

@@ -273,11 +273,15 @@ def test_neurons_checks_thresholds_and_out_before_attribution(
     model_dir, forget, _ = files
     common = ["neurons", "--model", str(model_dir), "--data", str(forget)]
     assert main([*common, "--thresholds", "0.2,1.5", "--out", str(tmp_path / "n")]) == 2
-    assert "--thresholds: each must be in (0, 1], got 1.5" in one_error_line(capsys)
+    assert one_error_line(capsys) == (
+        f"asu-simu neurons: error: --thresholds must be in (0, 1), got 1.5{NEVER_CRITICAL}"
+    )
     assert main([*common, "--thresholds", "0.2,x", "--out", str(tmp_path / "n")]) == 2
     assert "--thresholds must be comma-separated numbers" in one_error_line(capsys)
     assert main([*common, "--save", "0", "--out", str(tmp_path / "n")]) == 2
-    assert "argument --save: must be in (0, 1]" in one_error_line(capsys)
+    assert one_error_line(capsys) == (
+        "asu-simu neurons: error: --save must be in (0, 1), got 0: use e.g. 0.3"
+    )
     assert main([*common, "--mode", "forget_only", "--out", str(tmp_path / "n")]) == 2
     assert "needs --retain" in one_error_line(capsys)
     (tmp_path / "n").mkdir()
@@ -285,6 +289,79 @@ def test_neurons_checks_thresholds_and_out_before_attribution(
     assert main([*common, "--out", str(tmp_path / "n")]) == 2
     assert "already holds neurons.csv: add --overwrite" in one_error_line(capsys)
     assert (tmp_path / "n" / "neurons.csv").read_text() == "mine"
+
+
+NEVER_CRITICAL = (
+    " (a neuron is critical when its attribution exceeds threshold × its layer's maximum, so none "
+    "would be): use e.g. 0.3"
+)
+
+
+def test_neurons_refuses_a_threshold_of_one_before_attribution(
+    files, tmp_path, capsys, no_model_loading
+):
+    """Critical means > t · (layer max): at t = 1 the mask is empty, which SIMU refuses; the
+    sweep and --save say so before the model is loaded, and write nothing."""
+    model_dir, forget, _ = files
+    common = ["neurons", "--model", str(model_dir), "--data", str(forget)]
+    out = tmp_path / "n"
+    assert main([*common, "--thresholds", "1", "--out", str(out)]) == 2
+    line = f"asu-simu neurons: error: --thresholds must be in (0, 1), got 1{NEVER_CRITICAL}"
+    assert one_error_line(capsys) == line
+    assert main([*common, "--thresholds", "0.3,0.5", "--save", "1", "--out", str(out)]) == 2
+    line = f"asu-simu neurons: error: --save must be in (0, 1), got 1{NEVER_CRITICAL}"
+    assert one_error_line(capsys) == line
+    assert not out.exists()
+
+
+def test_neurons_saves_no_empty_mask(files, tmp_path, capsys, monkeypatch):
+    """Below 1 a mask is still empty when no neuron supports the answers in any layer: the
+    sweep is written, the mask is not, exit status 1."""
+    from asu_simu_plugin.methods.simu import attribution
+
+    def nothing_supports(model, *args, **kwargs):
+        return {i: -torch.arange(1.0, 65.0) for i in range(2)}
+
+    monkeypatch.setattr(attribution, "neuron_attributions", nothing_supports)
+    model_dir, forget, _ = files
+    out = tmp_path / "n"
+    args = ["neurons", "--model", str(model_dir), "--data", str(forget), "--out", str(out)]
+    assert main([*args, "--thresholds", "0.2,0.5", "--save", "0.5"]) == 1
+    assert last_error_line(capsys) == (
+        "asu-simu neurons: error: --save 0.5: no neuron is critical in any layer, so no mask "
+        "was saved (SIMU refuses an empty one): save a lower threshold, see "
+        f"{out / 'neurons.csv'} (--debug or ASU_SIMU_DEBUG=1 shows the traceback)"
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["neurons.csv", "neurons.png"]
+    rows = (out / "neurons.csv").read_text().splitlines()
+    assert rows[1:] == ["0.2,0,0,0,0.000000", "0.5,0,0,0,0.000000"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_unlearn_simu_refuses_a_damaged_mask_before_the_model(
+    files, tmp_path, capsys, no_model_loading, damage
+):
+    from asu_simu_plugin.methods.simu.masks import save_masks
+
+    masks = tmp_path / "masks"
+    tensors, _ = save_masks({0: torch.tensor([True, False])}, masks / "simu_masks", {})
+    data = tensors.read_bytes()
+    tensors.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x80\x04junk" * 9)
+    out = tmp_path / "out"
+    assert unlearn(files, out, "--set", f"mask_path={masks}", method="simu") == 2
+    line = one_error_line(capsys)
+    assert line.startswith(
+        f"asu-simu unlearn: error: mask_path: {tensors} is not a readable safetensors file ("
+    )
+    assert line.endswith(
+        "; truncated, or not a mask file?): rerun the attribution or point mask_path at another "
+        "file"
+    )
+    assert not out.exists() and not (tmp_path / "out.partial").exists()
+    assert unlearn(files, out, "--set", "threshold=1", method="simu") == 2
+    assert one_error_line(capsys) == (
+        f"asu-simu unlearn: error: threshold must be in (0, 1), got 1{NEVER_CRITICAL}"
+    )
 
 
 def test_tau_sweep_checks_out_before_the_sweep(files, tmp_path, capsys, no_model_loading):

@@ -1,9 +1,7 @@
-"""SIMU neuron attribution (integrated gradients, per answer token and per sequence) and
-critical-neuron masks (files recording the model they were made for)."""
+"""SIMU neuron attribution (integrated gradients, per answer token and per sequence) and the
+critical-neuron selection (mask files: test_masks.py)."""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
@@ -11,19 +9,9 @@ import torch.nn.functional as F
 from conftest import GATED_MLP_ARCHITECTURES, tiny_causal_lm
 
 from asu_simu_plugin.arch import decoder_layers, down_projection
-from asu_simu_plugin.methods.simu.attribution import (
-    check_masks,
-    critical_neuron_masks,
-    load_masks,
-    mask_record,
-    mask_summary,
-    model_record,
-    neuron_attributions,
-    plot_mask_counts,
-    save_masks,
-)
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+from asu_simu_plugin.arguments import MethodArgumentError
+from asu_simu_plugin.methods.simu import SIMUArguments
+from asu_simu_plugin.methods.simu.attribution import critical_neuron_masks, neuron_attributions
 
 
 def make_batch(seed=0, vocab=600, left_pad=False):
@@ -324,7 +312,8 @@ def test_thresholds_and_modes_on_a_hand_example():
     only = critical_neuron_masks(forget, 0.3, retain, mode="forget_only")
     assert only[0].tolist() == [True, False, False, False]
     assert only[1].tolist() == [False] * 4
-    assert critical_neuron_masks(forget, 1.0)[0].tolist() == [False] * 4  # strict ">"
+    # strict ">": at t = 0.5 the unit at exactly 0.5 · max is not critical.
+    assert critical_neuron_masks(forget, 0.5)[0].tolist() == [True, False, False, False]
     assert critical_neuron_masks(forget, 0.2)[0].tolist() == [True, True, True, False]
     # The max is per layer: 0.4 is critical in a layer whose max is 0.5.
     assert critical_neuron_masks({2: torch.tensor([0.5, 0.4, 0.1])}, 0.5)[2].tolist() == [
@@ -334,46 +323,35 @@ def test_thresholds_and_modes_on_a_hand_example():
     ]
 
 
-def test_masks_round_trip_with_counts_and_pngs(tmp_path):
-    masks = {0: torch.tensor([True, False, True]), 3: torch.tensor([False, False, True])}
-    tensors, meta = save_masks(masks, tmp_path / "simu_masks", {"threshold": 0.3, "steps": 20})
-    assert (tensors.name, meta.name) == ("simu_masks.safetensors", "simu_masks.json")
-    for source in (tensors, tmp_path / "simu_masks", tmp_path):  # file, stem, directory
-        loaded = load_masks(source)
-        assert list(loaded) == [0, 3]
-        assert all(
-            loaded[k].dtype == torch.bool and torch.equal(loaded[k], masks[k]) for k in masks
-        )
-    record = json.loads(meta.read_text())
-    assert record["threshold"] == 0.3 and record["steps"] == 20
-    assert record["critical_per_layer"] == {"0": 2, "3": 1}
-    assert record["critical_total"] == 3 and record["neurons_total"] == 6
-    assert record["critical_fraction"] == pytest.approx(0.5)
-    assert mask_summary(masks)["critical_per_layer"] == {0: 2, 3: 1}
-    # A stem with a dot keeps it.
-    dotted, _ = save_masks(masks, tmp_path / "masks_t0.3", {})
-    assert dotted.name == "masks_t0.3.safetensors"
-    assert torch.equal(load_masks(dotted)[0], masks[0])
-    # Files written with uint8 masks load as bool.
-    from safetensors.torch import save_file
-
-    save_file(
-        {"layer.5": torch.tensor([1, 0], dtype=torch.uint8)}, str(tmp_path / "u8.safetensors")
+def test_a_threshold_of_one_or_more_is_refused_as_it_can_select_no_neuron():
+    """Critical means Att > t · (layer max), so t = 1 leaves every mask empty, which SIMU then
+    refuses after the whole attribution: refused up front, in the library and in SIMU's
+    arguments (both routes build them before any attribution)."""
+    att = {0: torch.tensor([1.0, 0.5]), 1: torch.tensor([2.0, 2.0])}
+    why = (
+        " (a neuron is critical when its attribution exceeds threshold × its layer's maximum, "
+        "so none would be): use e.g. 0.3"
     )
-    assert load_masks(tmp_path / "u8.safetensors")[5].tolist() == [True, False]
-    for name, data in (
-        ("sweep.png", {0.1: masks, 0.5: masks}),
-        ("one.png", masks),
-        ("counts.png", {0.3: {0: 2, 3: 1}}),
-    ):
-        png = plot_mask_counts(data, tmp_path / "plots" / name)
-        assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 1000
+    for bad, shown in ((1.0, "1"), (1, "1"), (1.5, "1.5")):
+        with pytest.raises(MethodArgumentError) as info:
+            critical_neuron_masks(att, bad)
+        assert str(info.value) == f"threshold must be in (0, 1), got {shown}{why}"
+        with pytest.raises(MethodArgumentError) as info:
+            SIMUArguments(threshold=bad)
+        assert str(info.value) == f"threshold must be in (0, 1), got {shown}{why}"
+    with pytest.raises(MethodArgumentError) as info:
+        SIMUArguments(threshold=0)
+    assert str(info.value) == "threshold must be in (0, 1), got 0: use e.g. 0.3"
+    # Just below 1 is allowed: only each layer's maximum (and its ties) stays critical.
+    assert SIMUArguments(threshold=0.999).threshold == 0.999
+    masks = critical_neuron_masks(att, 0.999)
+    assert masks[0].tolist() == [True, False] and masks[1].tolist() == [True, True]
 
 
-def test_errors_name_the_fix(tmp_path):
+def test_errors_name_the_fix():
     att = {0: torch.tensor([1.0, 0.0])}
-    for bad in (0.0, -0.1, 1.5, float("nan")):
-        with pytest.raises(ValueError, match=r"\(0, 1\]"):
+    for bad in (0.0, -0.1, 1.5, float("nan"), "0.3", True):
+        with pytest.raises(ValueError, match=r"^threshold must be in \(0, 1\), got "):
             critical_neuron_masks(att, bad)
     with pytest.raises(ValueError, match="dual, forget_only"):
         critical_neuron_masks(att, 0.3, mode="union")
@@ -395,55 +373,6 @@ def test_errors_name_the_fix(tmp_path):
         neuron_attributions(model, [make_batch()], steps=0, progress=False)
     with pytest.raises(ValueError, match="chunk_size"):
         neuron_attributions(model, [make_batch()], steps=2, progress=False, chunk_size=0)
-    with pytest.raises(FileNotFoundError, match="simu_masks.safetensors"):
-        load_masks(tmp_path)
-    with pytest.raises(ValueError, match="nothing to plot"):
-        plot_mask_counts({}, tmp_path / "x.png")
-
-
-def test_a_mask_file_records_its_model_and_refuses_any_other(tmp_path):
-    model = tiny_causal_lm("llama")
-    masks = {i: torch.tensor([True] + [False] * 47) for i in range(3)}
-    settings = {"steps": 5, "threshold": 0.3, "attribution": "per_token"}
-    tensors, meta = save_masks(masks, tmp_path / "simu_masks", settings, model=model)
-    record = model_record(model)
-    assert record["num_layers"] == 3 and record["mlp_width"] == 48
-    assert len(record["fingerprint"]) == 16
-    # The record travels inside the tensor file and is mirrored in the JSON.
-    assert mask_record(tensors) == {**settings, "model": record}
-    assert json.loads(meta.read_text())["model"] == record
-    for loaded in (load_masks(tensors, model=model), load_masks(tmp_path, model=model)):
-        assert all(torch.equal(loaded[i], masks[i]) for i in masks)
-    # The same weights in bfloat16 have the same fingerprint (samples are rounded to bf16).
-    assert model_record(tiny_causal_lm("llama").to(torch.bfloat16)) == record
-
-    def refused(other, match, path=tensors):
-        with pytest.raises(ValueError, match=match) as info:
-            load_masks(path, model=other)
-        assert "\n" not in str(info.value) and "attribute" in str(info.value)
-
-    refused(tiny_causal_lm("llama", seed=1), "other weights")
-    refused(tiny_causal_lm("llama", num_hidden_layers=4), "3 decoder layers, this one has 4")
-    with pytest.raises(ValueError, match="MLP width 48, this model's is 64"):
-        load_masks(tensors, model=tiny_causal_lm("llama", intermediate_size=64))
-    # Extra / missing layers, a wrong width in one layer, no critical neuron at all.
-    for name, bad, match in (
-        ("extra", {**masks, 3: masks[0]}, r"layer\(s\) \[3\] this model lacks"),
-        ("missing", {0: masks[0], 1: masks[1]}, r"none for layer\(s\) \[2\]"),
-        ("narrow", {**masks, 1: masks[1][:40]}, r"layers \[1\] differ"),
-        (
-            "empty",
-            {i: torch.zeros(48, dtype=torch.bool) for i in range(3)},
-            "no neuron is critical",
-        ),
-    ):
-        path, _ = save_masks(bad, tmp_path / name, settings, model=model)
-        refused(model, match, path=path)
-    # A file that records no model (older files, hand-made ones) is refused for training.
-    bare, _ = save_masks(masks, tmp_path / "bare", settings)
-    refused(model, "does not record the model", path=bare)
-    with pytest.raises(ValueError, match="does not record"):
-        check_masks(masks, model, None, "masks")
 
 
 def _attribute_share(rank, world, port, out, cases):

@@ -11,7 +11,7 @@ from transformers import LlamaForCausalLM
 
 from asu_simu_plugin import toy
 from asu_simu_plugin.arch import attention_projection_names, decoder_layers, down_projection
-from asu_simu_plugin.methods.simu.attribution import load_masks
+from asu_simu_plugin.methods.simu.masks import load_masks
 from asu_simu_plugin.methods.sophia.optimizer import SophiaG
 from asu_simu_plugin.runner import RunSettings, build_trainer
 

@@ -50,14 +50,6 @@ def non_negative_int(text: str) -> int:
     return value
 
 
-def unit_interval(text: str) -> float:
-    """A threshold in (0, 1]."""
-    value = _number(text, float, "a number")
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
 def number_list(text: str, flag: str, convert=float, check=None) -> list:
     """'1,2,2.5' -> [1.0, 2.0, 2.5]; each item converted and checked (ValueError names `flag`)."""
     kind = "integers" if convert is int else "numbers"

@@ -15,7 +15,7 @@ import csv
 from pathlib import Path
 
 from asu_simu_plugin.cli import usage_checks
-from asu_simu_plugin.cli.checks import model_source, number_list, positive_int, unit_interval
+from asu_simu_plugin.cli.checks import model_source, number_list, positive_int
 
 
 def add_arguments(parser) -> None:
@@ -25,7 +25,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--data", required=True, help="forget set, question/answer JSON lines")
     parser.add_argument("--retain", default=None, help="retain set (needed for --mode forget_only)")
     parser.add_argument(
-        "--thresholds", default="0.1,0.2,0.3,0.4,0.5", help="comma-separated, each in (0, 1]"
+        "--thresholds", default="0.1,0.2,0.3,0.4,0.5", help="comma-separated, each in (0, 1)"
     )
     parser.add_argument(
         "--mode",
@@ -58,16 +58,11 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument(
         "--save",
-        type=unit_interval,
+        type=float,
         default=None,
         metavar="T",
-        help="also write the mask file for threshold T, in (0, 1]",
+        help="also write the mask file for threshold T, in (0, 1)",
     )
-
-
-def _check_threshold(value: float) -> None:
-    if not 0 < value <= 1:
-        raise ValueError(f"--thresholds: each must be in (0, 1], got {value:g}")
 
 
 def check_out_folder(out: Path, names, overwrite: bool) -> None:
@@ -106,16 +101,17 @@ def run(args) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from asu_simu_plugin.data import load_qa_jsonl
-    from asu_simu_plugin.methods.simu.attribution import (
-        critical_neuron_masks,
-        mask_summary,
-        plot_mask_counts,
-        save_masks,
-    )
+    from asu_simu_plugin.methods.simu.attribution import check_threshold, critical_neuron_masks
+    from asu_simu_plugin.methods.simu.masks import mask_summary, plot_mask_counts, save_masks
 
     out = Path(args.out)
     with usage_checks():
-        thresholds = number_list(args.thresholds, "--thresholds", float, _check_threshold)
+        # Before any attribution: at t >= 1 no neuron can be critical (an empty mask).
+        thresholds = number_list(
+            args.thresholds, "--thresholds", float, lambda t: check_threshold(t, "--thresholds")
+        )
+        if args.save is not None:
+            check_threshold(args.save, "--save")
         if args.mode == "forget_only" and not args.retain:
             raise ValueError(
                 "--mode forget_only needs --retain (neurons critical there are dropped)"
@@ -157,6 +153,11 @@ def run(args) -> int:
     plot_mask_counts(sweep, out / "neurons.png")
     if args.save is not None:
         masks = critical_neuron_masks(forget, args.save, retain, args.mode)
+        if not any(bool(mask.any()) for mask in masks.values()):
+            raise ValueError(
+                f"--save {args.save:g}: no neuron is critical in any layer, so no mask was saved "
+                f"(SIMU refuses an empty one): save a lower threshold, see {out / 'neurons.csv'}"
+            )
         tensors, _ = save_masks(
             masks,
             out / "simu_masks",

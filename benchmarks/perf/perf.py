@@ -52,6 +52,7 @@ from asu_simu_plugin import lora, toy
 from asu_simu_plugin.data import PadCollator, QADataset, load_qa_jsonl
 from asu_simu_plugin.diagnostics import machine_info
 from asu_simu_plugin.methods.simu import attribution as neurons
+from asu_simu_plugin.methods.simu.masks import save_masks
 from asu_simu_plugin.runner import RunSettings, build_trainer
 
 # SmolLM2-135M (HuggingFaceTB/SmolLM2-135M-Instruct config.json)
@@ -400,7 +401,7 @@ def simu_attribution(model, initial_state, tokenizer, forget, args, workdir):
         seconds = time.perf_counter() - start
     mask_path = workdir / "simu_masks.safetensors"
     masks = neurons.critical_neuron_masks(attributions, 0.3)
-    neurons.save_masks(masks, mask_path, model=model)  # the SIMU rows load them for this model
+    save_masks(masks, mask_path, model=model)  # the SIMU rows load them for this model
     print(f"SIMU attribution {seconds:8.1f} s ({args.simu_ig_steps} IG steps)")
     return {"seconds": seconds, "peak_mib": mib(memory)}, str(mask_path)
 

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from asu_simu_plugin.arguments import (
+    MethodArgumentError,
     check_choice,
     check_integer,
-    check_number,
     check_readable_file,
+)
+from asu_simu_plugin.methods.simu.attribution import check_threshold
+from asu_simu_plugin.methods.simu.masks import (
+    load_masks,
+    mask_files,
+    mask_record,
+    require_critical_neurons,
 )
 from asu_simu_plugin.methods.sophia import SOGradDiffArguments
 
@@ -29,7 +37,7 @@ class SIMUArguments(SOGradDiffArguments):
         default=5, metadata=_help("integrated-gradients Riemann steps (>= 1; the paper uses 5)")
     )
     threshold: float = field(
-        default=0.3, metadata=_help("critical iff attribution > threshold * layer max; (0, 1]")
+        default=0.3, metadata=_help("critical iff attribution > threshold * layer max; (0, 1)")
     )
     mode: str = field(default="dual", metadata=_help("dual | forget_only (drop retain-critical)"))
     attribution: str = field(
@@ -49,13 +57,24 @@ class SIMUArguments(SOGradDiffArguments):
     def __post_init__(self):
         super().__post_init__()
         check_integer("steps", self.steps, 1)
-        check_number("threshold", self.threshold, maximum=1, above=0)
+        check_threshold(self.threshold)
         check_choice("mode", self.mode, self.MODES)
         check_choice("attribution", self.attribution, self.ATTRIBUTIONS)
         if self.mask_path is not None:
-            # a folder, a stem or either file of a saved mask (`attribution.load_masks`)
-            from asu_simu_plugin.methods.simu.attribution import mask_files
-
-            check_readable_file("mask_path", str(mask_files(self.mask_path)[0]))
+            self._check_mask_file()
         check_integer("attribution_batch_size", self.attribution_batch_size, 1, optional=True)
         check_integer("attribution_max_batches", self.attribution_max_batches, 1, optional=True)
+
+    def _check_mask_file(self):
+        """A folder, a stem or either file of a saved mask: readable, with a critical neuron
+        (its model is checked once the model is loaded, `masks.load_masks(..., model=)`)."""
+        if not isinstance(self.mask_path, str | os.PathLike) or not str(self.mask_path):
+            raise MethodArgumentError(f"mask_path must be a file path (got {self.mask_path!r})")
+        tensors_path = mask_files(self.mask_path)[0]
+        check_readable_file("mask_path", str(tensors_path))
+        try:
+            masks = load_masks(tensors_path)
+            mask_record(tensors_path)
+            require_critical_neurons(masks, str(tensors_path))
+        except ValueError as error:
+            raise MethodArgumentError(f"mask_path: {error}") from None

@@ -1,7 +1,7 @@
 """SIMU — Selective Influence Machine Unlearning (Agarwal et al., 2025).
 
 1. Before training, integrated-gradients attribution on the forget set finds, per layer, the MLP
-   neurons (input dimensions of `down_proj`) that carry it (`asu_simu_plugin.methods.simu.attribution`).
+   neurons (input dimensions of `down_proj`) that carry it (`attribution`).
 2. Training is second-order GradDiff (SophiaG) restricted to: every attention projection, fully,
    and the `down_proj` columns of the critical neurons. Every other parameter is frozen; inside
    `down_proj` the masked-out columns keep value, momentum and Hessian bit-identical (the
@@ -9,7 +9,7 @@
    not count towards gradient clipping.
 
 The masks are saved beside the model (`simu_masks.safetensors`, `simu_masks.json`,
-`simu_masks.png`) and can be reused with `mask_path`.
+`simu_masks.png`; `masks`) and can be reused with `mask_path`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,19 @@ from asu_simu_plugin.arch import (
     unwrap_model,
 )
 from asu_simu_plugin.lora import is_lora_model
-from asu_simu_plugin.methods.simu import attribution as neurons
+from asu_simu_plugin.methods.simu.attribution import (
+    critical_neuron_masks,
+    full_parameters,
+    neuron_attributions,
+)
+from asu_simu_plugin.methods.simu.masks import (
+    load_masks,
+    mask_record,
+    model_record,
+    plot_mask_counts,
+    require_critical_neurons,
+    save_masks,
+)
 from asu_simu_plugin.methods.sophia.trainer import SophiaMixin
 
 MASK_FILE = "simu_masks"
@@ -102,8 +114,8 @@ class SIMUMixin(SophiaMixin):
 
     def _attribute(self, dataset) -> dict[int, torch.Tensor]:
         model = unwrap_model(self.model)
-        with neurons.full_parameters(model.parameters()):
-            return neurons.neuron_attributions(
+        with full_parameters(model.parameters()):
+            return neuron_attributions(
                 model,
                 self._attribution_batches(dataset),
                 steps=self.simu_steps,
@@ -117,8 +129,8 @@ class SIMUMixin(SophiaMixin):
         made them (saved beside the model)."""
         model = unwrap_model(self.model)
         if mask_path:
-            masks = neurons.load_masks(mask_path, model=model)
-            made = neurons.mask_record(mask_path) or {}
+            masks = load_masks(mask_path, model=model)
+            made = mask_record(mask_path) or {}
             made.pop("model", None)
             self.mask_settings = {**made, "mask_path": str(mask_path)}
             return masks
@@ -127,10 +139,10 @@ class SIMUMixin(SophiaMixin):
         dual = self.simu_mode != "forget_only"
         forget_attr = self._attribute(forget)
         retain_attr = None if dual else self._attribute(retain)
-        masks = neurons.critical_neuron_masks(
+        masks = critical_neuron_masks(
             forget_attr, self.simu_threshold, retain_attributions=retain_attr, mode=self.simu_mode
         )
-        neurons.require_critical_neurons(
+        require_critical_neurons(
             masks, f"SIMU attribution (threshold {self.simu_threshold}, mode {self.simu_mode})"
         )
 
@@ -175,9 +187,9 @@ class SIMUMixin(SophiaMixin):
 
     def _save_masks(self, output_dir: Path) -> None:
         # Every rank takes part in the fingerprint (a collective gather under ZeRO-3).
-        metadata = {**self.mask_settings, "model": neurons.model_record(self.model)}
+        metadata = {**self.mask_settings, "model": model_record(self.model)}
         if not self.accelerator.is_main_process:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
-        neurons.save_masks(self.neuron_masks, output_dir / MASK_FILE, metadata)
-        neurons.plot_mask_counts(self.neuron_masks, output_dir / f"{MASK_FILE}.png")
+        save_masks(self.neuron_masks, output_dir / MASK_FILE, metadata)
+        plot_mask_counts(self.neuron_masks, output_dir / f"{MASK_FILE}.png")
