@@ -376,14 +376,14 @@ def test_tau_sweep_checks_out_before_the_sweep(files, tmp_path, capsys, no_model
     assert "no layer 7" in one_error_line(capsys)
 
 
-def test_tau_sweep_says_plainly_when_no_tau_meets_the_rule(files, tmp_path, capsys):
+def test_tau_sweep_says_plainly_when_no_setting_is_admissible(files, tmp_path, capsys):
     model_dir, forget, _ = files
     out = tmp_path / "s"
     args = ["tau-sweep", "--model", str(model_dir), "--data", str(forget), "--out", str(out)]
-    assert main([*args, "--taus", "2,4", "--content-rise", "1000", "--quiet"]) == 0
+    assert main([*args, "--taus", "2,4", "--max-end-probability", "1e-9", "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert "no tau meets the rule" in printed and "none is recommended" in printed
-    assert "recommended tau:" not in printed
+    assert "no setting keeps function-token NLL rise <= 0.5 and P(end) <= 1e-09" in printed
+    assert "the least violating one is taken" in printed
     assert (out / "tau_sweep.csv").is_file()
 
 

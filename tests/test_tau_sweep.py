@@ -1,4 +1,4 @@
-"""The τ sweep: NLL split, attention entropy, the recommendation rule, the CLI."""
+"""The τ sweep: NLL split, attention entropy, the one measurement, rule and CSV, the CLI."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+import transformers
 from conftest import tiny_causal_lm
 
 from asu_simu_plugin.attention import attention_temperature
@@ -15,14 +16,14 @@ from asu_simu_plugin.cli import main
 from asu_simu_plugin.data import PadCollator, QADataset
 from asu_simu_plugin.diagnostics import token_nll
 from asu_simu_plugin.methods.asu import collapse, temperature
-from asu_simu_plugin.methods.asu import sweep as sweep_module
-from asu_simu_plugin.methods.asu.sweep import (
-    plot_sweep,
-    recommend_tau,
-    tau_sweep,
-    write_sweep_csv,
+from asu_simu_plugin.methods.asu.sweep import format_table, plot_grid, tau_sweep
+from asu_simu_plugin.methods.asu.temperature import (
+    GRID_FIELDS,
+    choose_temperature,
+    function_token_ids,
+    is_function_token,
+    write_grid_csv,
 )
-from asu_simu_plugin.methods.asu.temperature import function_token_ids, is_function_token
 
 
 @pytest.fixture
@@ -107,64 +108,179 @@ def test_function_tokens(toy_tokenizer):
     assert not any("Lis" in toy_tokenizer.decode([i]) for i in chosen)
 
 
-def row(tau, content, function):
-    return {"tau": tau, "content_nll": content, "function_nll": function}
+def row(tau, content, function, end=0.01, **more):
+    return {
+        "tau": tau,
+        "layers": "all",
+        "content_nll": content,
+        "function_nll": function,
+        "end_probability": end,
+        **more,
+    }
 
 
-def test_recommendation_rule():
-    results = [row(1, 0.5, 0.2), row(1.5, 1.0, 0.3), row(2, 1.6, 0.5), row(3, 3.0, 1.0)]
-    tau, reason = recommend_tau(results)
-    assert tau == 2 and "smallest" in reason  # 3 rises more but breaks fluency (+0.8 > 0.5)
-    tau, reason = recommend_tau(results, content_rise=5.0)
-    assert tau == 2 and "separates" in reason
-    assert recommend_tau([row(2, 1, 1)])[0] is None  # no τ = 1 baseline
-    assert recommend_tau([row(1, 0, 0), row(2, 3, 2)])[0] is None
-    # order does not matter; the fallback picks the largest content-minus-function rise
-    shuffled = [row(4, 1.2, 0.6), row(1, 0.5, 0.2), row(2, 0.9, 0.25), row(3, 1.3, 0.5)]
-    tau, reason = recommend_tau(shuffled)  # rises (content, function): 2 (.4, .05), 3 (.8, .3)
-    assert tau == 3 and "separates" in reason
-    assert recommend_tau(shuffled, content_rise=0.35)[0] == 2
-    assert recommend_tau(shuffled, content_rise=0.6, function_budget=0.2)[0] == 2
-
-
-def test_csv_and_png(tmp_path):
-    results = [
-        {**row(1, 0.5, 0.2), "attention_entropy": 2.0, "content_tokens": 3, "function_tokens": 4},
-        {**row(2, 1.6, 0.5), "attention_entropy": 2.5, "content_tokens": 3, "function_tokens": 4},
+def test_the_diagnostic_grid_is_chosen_by_the_one_rule():
+    # One layer set, a sharpening τ < 1 and no baseline first: choose_temperature as for auto.
+    rows = [
+        row(0.5, 0.1, 0.1),
+        row(3, 3.0, 1.0),  # function +0.8 > 0.5: not admissible
+        row(1, 0.5, 0.2),
+        row(1.5, 1.0, 0.3),  # separation 0.5 - 0.1 = 0.4
+        row(2, 1.6, 0.5),  # separation 1.1 - 0.3 = 0.8: chosen
+        row(2.5, 2.5, 0.6, end=0.2),  # separation 1.6, but P(end) 0.2 > 0.1
     ]
-    rows = list(csv.DictReader(write_sweep_csv(results, tmp_path / "a" / "s.csv").open()))
+    chosen, reason = choose_temperature(rows)
+    assert chosen["tau"] == 2
+    assert reason == (
+        "largest content-minus-function NLL rise among settings with function-token NLL rise "
+        "<= 0.5 and P(end) <= 0.1: content +1.10 nats, function +0.30, P(end) 0.010"
+    )
+    assert [r["admissible"] for r in rows] == [False, False, False, True, True, False]
+    assert [r["chosen"] for r in rows] == [False, False, False, False, True, False]
+    chosen, _ = choose_temperature(rows, temperature.AutoTemperatureConfig(function_budget=1.0))
+    assert chosen["tau"] == 3  # separation 2.5 - 0.8 = 1.7
+    with pytest.raises(ValueError, match="no τ = 1 row"):
+        choose_temperature([row(2, 1, 1)])
+    with pytest.raises(ValueError, match="no τ > 1"):
+        choose_temperature([row(1, 1, 1), row(0.5, 1, 1)])
+
+
+def test_content_rise_is_gone():
+    with pytest.raises(ValueError, match="tau_sweep: .*content_rise.*known keys: sample"):
+        temperature.settings_of(temperature.AutoTemperatureConfig, {"content_rise": 1}, "tau_sweep")
+
+
+def test_one_csv_writer_for_both_grids(tmp_path):
+    measured = {"content_tokens": 3, "function_tokens": 4, "layer_ids": [0, 1]}
+    diagnostic = [
+        row(1, 0.5, 0.2, attention_entropy=2.0, **measured),
+        row(2, 1.6, 0.5, attention_entropy=2.5, **measured),
+    ]
+    choose_temperature(diagnostic)
+    written = write_grid_csv(diagnostic, tmp_path / "a" / "s.csv")
+    rows = list(csv.DictReader(written.open()))
+    assert list(rows[0]) == list(GRID_FIELDS)  # every field, attention entropy included
     assert [float(r["content_nll"]) for r in rows] == [0.5, 1.6]
-    assert list(rows[0]) == list(sweep_module.FIELDS)
-    png = plot_sweep(results, tmp_path / "b" / "s.png", recommended=2)
-    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert [float(r["attention_entropy"]) for r in rows] == [2.0, 2.5]
+    assert [r["chosen"] for r in rows] == ["False", "True"]
+    auto = [row(1, 0.5, 0.2, **measured), row(2, 1.6, 0.5, **measured)]
+    choose_temperature(auto)
+    rows = list(csv.DictReader(write_grid_csv(auto, tmp_path / "b.csv").open()))
+    assert list(rows[0]) == [f for f in GRID_FIELDS if f != "attention_entropy"]
+    for index, grid in enumerate((diagnostic, auto)):
+        chosen = next(r for r in grid if r["chosen"])
+        png = plot_grid(grid, tmp_path / f"{index}.png", chosen)
+        assert png.read_bytes()[:4] == b"\x89PNG"
+    table = format_table(diagnostic).splitlines()
+    assert table[0].split() == ["tau", "layers", "content", "NLL", "function", "NLL", "P(end)",
+                                "attn", "entropy"]  # fmt: skip
+    assert table[2].split() == ["2", "all", "1.600", "0.500", "0.010", "2.500", "*"]
 
 
-def test_cli_writes_csv_and_png(tmp_path, peaked_model, toy_tokenizer, toy_authors):
+def test_both_routes_measure_with_the_one_function(
+    peaked_model, toy_tokenizer, toy_authors, monkeypatch
+):
+    rows = toy_authors[0].qa_pairs() + toy_authors[1].qa_pairs()
+    calls = []
+    measure = temperature.measure_teacher
+
+    def spy(*args, **kwargs):
+        calls.append(args[7] if len(args) > 7 else kwargs.get("attention_entropy", False))
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(temperature, "measure_teacher", spy)
+    swept = tau_sweep(peaked_model, toy_tokenizer, rows, [1, 2.5], [0, 2], progress=False)
+    dataset = QADataset(rows, toy_tokenizer)
+    settings = {"sample": len(dataset), "taus": [2.5], "progress": False}
+    _, _, record = temperature.auto_temperature(
+        peaked_model, dataset, toy_tokenizer, "auto", [0, 2], settings
+    )
+    assert calls == [True, True, False, False]  # entropy only for the diagnostic
+    # the same rows (all, in order): the same numbers at τ 1 and at (2.5, layers 0 and 2)
+    assert [(r["tau"], r["layers"]) for r in record["rows"]] == [(1.0, "all"), (2.5, "0,2")]
+    for got, expected in zip(swept, record["rows"], strict=True):
+        for key in ("content_nll", "function_nll", "end_probability"):
+            assert got[key] == pytest.approx(expected[key], rel=1e-6)
+        assert (got["content_tokens"], got["function_tokens"]) == (
+            expected["content_tokens"],
+            expected["function_tokens"],
+        )
+    assert swept[1]["content_nll"] != swept[0]["content_nll"]  # τ did change something
+
+
+def test_tau_sweep_restores_train_mode_and_attention_after_an_error(toy_tokenizer, toy_authors):
+    model = tiny_causal_lm("llama", attn_implementation="sdpa")
+    model.train()
+    reference = model.model.layers[0].self_attn.scaling
+
+    def fail(*_):
+        raise RuntimeError("boom inside the sweep")
+
+    handle = model.model.layers[2].register_forward_hook(fail)
+    with pytest.raises(RuntimeError, match="boom inside the sweep"):
+        tau_sweep(model, toy_tokenizer, toy_authors[0].qa_pairs(), [3], progress=False)
+    handle.remove()
+    assert sum(m.training for m in model.modules()) == len(list(model.modules()))
+    assert model.config._attn_implementation == "sdpa"
+    assert model.model.layers[0].self_attn.scaling == reference  # temperature removed
+
+
+def saved_model(tmp_path, model, tokenizer):
     model_dir = tmp_path / "model"
-    peaked_model.save_pretrained(model_dir)
-    toy_tokenizer.save_pretrained(model_dir)
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return model_dir
+
+
+def test_cli_writes_csv_and_png_and_reports_the_rules_choice(
+    tmp_path, peaked_model, toy_tokenizer, toy_authors, capsys
+):
+    model_dir = saved_model(tmp_path, peaked_model, toy_tokenizer)
     data = tmp_path / "qa.jsonl"
     data.write_text("\n".join(json.dumps(qa) for qa in toy_authors[0].qa_pairs()))
     out = tmp_path / "sweep"
-    assert (
-        main(
-            [
-                "tau-sweep",
-                "--model",
-                str(model_dir),
-                "--data",
-                str(data),
-                "--taus",
-                "2,3",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    args = ["tau-sweep", "--model", str(model_dir), "--data", str(data), "--out", str(out)]
+    assert main([*args, "--taus", "2,3", "--max-end-probability", "0.5", "--quiet"]) == 0
     rows = list(csv.DictReader((out / "tau_sweep.csv").open()))
+    assert list(rows[0]) == list(GRID_FIELDS)
     assert [float(r["tau"]) for r in rows] == [1.0, 2.0, 3.0]  # τ = 1 is always added
+    assert {r["layers"] for r in rows} == {"all"}
     assert (out / "tau_sweep.png").read_bytes()[:4] == b"\x89PNG"
+    # The printed choice is the rule's on the written numbers.
+    keys = ("tau", "content_nll", "function_nll", "end_probability")
+    grid = [{k: float(r[k]) for k in keys} for r in rows]
+    config = temperature.AutoTemperatureConfig(max_end_probability=0.5)
+    chosen, reason = choose_temperature(grid, config)
+    assert [r["chosen"] for r in rows] == [str(r["chosen"]) for r in grid]
+    assert f"chosen: temperature {chosen['tau']:g}, layers all ({reason})" in (
+        capsys.readouterr().out
+    )
+
+
+def test_cli_taus_without_one_above_1_is_a_usage_error_before_loading(
+    tmp_path, peaked_model, toy_tokenizer, toy_authors, capsys, monkeypatch
+):
+    model_dir = saved_model(tmp_path, peaked_model, toy_tokenizer)
+    capsys.readouterr()  # the saving's progress bar
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model or tokenizer was loaded before --taus was checked")
+
+    for cls in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
+        monkeypatch.setattr(cls, "from_pretrained", refuse)
+    data = tmp_path / "qa.jsonl"
+    data.write_text("\n".join(json.dumps(qa) for qa in toy_authors[0].qa_pairs()))
+    args = ["tau-sweep", "--model", str(model_dir), "--data", str(data)]
+    for taus, more in (("1", []), ("0.5,1", []), ("1", ["--layers", "auto"])):
+        assert main([*args, "--out", str(tmp_path / "o"), "--taus", taus, *more]) == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"asu-simu tau-sweep: error: --taus {taus} has no value > 1: the rule compares "
+            "tempered settings (τ > 1) with τ = 1, which is always measured; give e.g. "
+            "--taus 1.5,2,2.3,3"
+        ]
+    assert not (tmp_path / "o").exists()
+    assert main([*args, "--taus", "2", "--content-rise", "1"]) == 2  # the flag is gone
+    assert "unrecognized arguments: --content-rise 1" in capsys.readouterr().err
 
 
 def test_cli_keys_layers_and_max_examples(
@@ -184,9 +300,10 @@ def test_cli_keys_layers_and_max_examples(
     assert main(["tau-sweep", *common, *keys, "--taus", "1,4", "--layers", "0,1", "--quiet",
                  "--max-examples", "2"]) == 0  # fmt: skip
     printed = capsys.readouterr().out
-    assert "content NLL" in printed and "tau" in printed
+    assert "content NLL" in printed and "tau" in printed and "attn entropy" in printed
     rows = list(csv.DictReader((tmp_path / "o" / "tau_sweep.csv").open()))
     assert [float(r["tau"]) for r in rows] == [1.0, 4.0]
+    assert [r["layers"] for r in rows] == ["0-1", "0-1"]
 
 
 def test_cli_layers_auto_runs_the_joint_pass(
@@ -205,7 +322,6 @@ def test_cli_layers_auto_runs_the_joint_pass(
     rows = list(csv.DictReader((out / "asu_tau_sweep.csv").open()))
     # baseline + 2 taus x (all, thirds 0 | 1 | 2); quarters of 3 layers add no new block
     assert len(rows) == 1 + 2 * 4 and sum(r["chosen"] == "True" for r in rows) == 1
-    assert main([*args, "--taus", "1", "--layers", "auto"]) == 2  # no tau > 1: usage error
 
 
 # -- temperature: auto / layers: auto, collapse guard ----------------------------------------------
@@ -275,7 +391,7 @@ def test_choose_temperature_rule():
     ]
     chosen, reason = temperature.choose_temperature(rows, config)
     assert (chosen["tau"], chosen["layers"]) == (2.0, "2-3")
-    assert "content +0.80" in reason and "falls short of 1" in reason
+    assert "content +0.80 nats, function +0.10, P(end) 0.010" in reason
     assert [r["admissible"] for r in rows] == [False, False, True, True, False, True]
     assert [r["chosen"] for r in rows] == [False] * 5 + [True]
     # Nothing admissible: the least violating setting, and the reason says so.

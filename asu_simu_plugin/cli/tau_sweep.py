@@ -1,34 +1,30 @@
 """`asu-simu tau-sweep`: how the attention temperature τ changes a model (choosing ASU's τ).
 
-    asu-simu tau-sweep --model PATH --data qa.jsonl --taus 1,1.5,2,2.3,2.5,3,4,6 \\
-        [--layers 0,1,2] [--system-prompt TEXT] [--out DIR] [--max-examples N]
+    asu-simu tau-sweep --model PATH --data qa.jsonl --taus 1.5,2,2.3,2.5,3,4,6 \\
+        [--layers 0,1,2 | --layers auto] [--system-prompt TEXT] [--out DIR] [--max-examples N]
 
-Per τ: mean NLL of the content and of the function answer tokens, and the mean attention entropy
-(tau_sweep.csv, tau_sweep.png in --out). The recommended τ is the smallest one whose content-token
-NLL rose by at least --content-rise nats while the function-token NLL rose by at most
---function-budget (the rule of `asu_simu_plugin.methods.asu.sweep`); when no τ meets the rule, it says so
-and names the closest τ without recommending it.
+For each τ of --taus, and for τ = 1 (the untempered baseline, always measured), on the layers of
+--layers (all by default): the mean NLL of the content and of the function answer tokens, P(end
+of answer) at the first answer token and the mean attention entropy (tau_sweep.csv and
+tau_sweep.png in --out). The setting is chosen by the rule of ASU's `temperature: auto`
+(`asu_simu_plugin.methods.asu.temperature.choose_temperature`): admissible when the
+function-token NLL rose by at most --function-budget nats and P(end) is at most
+--max-end-probability; among those, the largest content-minus-function NLL rise. When none is
+admissible, the least violating one is named, and the reason says so.
 
 With `--layers auto` it runs the pass of ASU's `temperature: auto` / `layers: auto` instead: every
-τ > 1 of --taus on all layers and on consecutive blocks (thirds, quarters), chosen jointly by the
-rule of `asu_simu_plugin.methods.asu.temperature.choose_temperature` (asu_tau_sweep.csv/.png and
-asu_temperature.json in --out).
+τ > 1 of --taus on all layers and on consecutive blocks (thirds, quarters), chosen by the same
+rule (asu_tau_sweep.csv/.png and asu_temperature.json in --out).
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from asu_simu_plugin.cli import usage_checks
-from asu_simu_plugin.cli.checks import (
-    model_source,
-    non_negative_float,
-    number_list,
-    positive_float,
-    positive_int,
-)
+from asu_simu_plugin.cli.checks import model_source, number_list, positive_float, positive_int
 from asu_simu_plugin.cli.neurons import check_out_folder
+from asu_simu_plugin.methods.asu.temperature import AutoTemperatureConfig
 
 RESULT_FILES = ("tau_sweep.csv", "tau_sweep.png")
 AUTO_FILES = ("asu_tau_sweep.csv", "asu_tau_sweep.png", "asu_temperature.json")
@@ -40,7 +36,9 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--data", required=True, help="question/answer JSON lines")
     parser.add_argument(
-        "--taus", default="1,1.5,2,2.3,2.5,3,4,6", help="comma-separated, each > 0; 1 is added"
+        "--taus",
+        default="1,1.5,2,2.3,2.5,3,4,6",
+        help="comma-separated, each > 0 and at least one > 1; 1 (the baseline) is added",
     )
     parser.add_argument(
         "--layers",
@@ -59,18 +57,18 @@ def add_arguments(parser) -> None:
     parser.add_argument("--question-key", default="question", help="question key in the file")
     parser.add_argument("--answer-key", default="answer", help="answer key in the file")
     parser.add_argument(
-        "--content-rise",
-        type=positive_float,
-        default=1.0,
-        help="nats the content-token NLL must rise (rule)",
-    )
-    parser.add_argument(
         "--function-budget",
-        type=non_negative_float,
-        default=0.5,
+        type=positive_float,
+        default=AutoTemperatureConfig.function_budget,
         help="nats the function-token NLL may rise (rule)",
     )
-    parser.add_argument("--out", default="tau_sweep", help="folder for tau_sweep.csv/.png")
+    parser.add_argument(
+        "--max-end-probability",
+        type=positive_float,
+        default=AutoTemperatureConfig.max_end_probability,
+        help="largest P(end of answer) at the first answer token (rule)",
+    )
+    parser.add_argument("--out", default="tau_sweep", help="folder for the result files")
     parser.add_argument(
         "--overwrite", action="store_true", help="replace result files already in --out"
     )
@@ -87,15 +85,25 @@ def _layer_id(value: int) -> None:
         raise ValueError(f"--layers: ids are 0-based, got {value}")
 
 
-def meets_rule(results, tau, content_rise: float, function_budget: float) -> bool:
-    """Whether `tau`'s row rose content NLL by >= content_rise within the function budget."""
-    if tau is None:
-        return False
-    base = next(r for r in results if math.isclose(r["tau"], 1.0))
-    row = next(r for r in results if math.isclose(r["tau"], tau))
-    return (
-        row["content_nll"] - base["content_nll"] >= content_rise
-        and row["function_nll"] - base["function_nll"] <= function_budget
+def parse_taus(text: str) -> list[float]:
+    """--taus, sorted, with the baseline τ = 1; at least one τ > 1, the settings the rule rates."""
+    taus = number_list(text, "--taus", float, _positive_tau)
+    if not any(t > 1.0 for t in taus):
+        raise ValueError(
+            f"--taus {text} has no value > 1: the rule compares tempered settings (τ > 1) with "
+            "τ = 1, which is always measured; give e.g. --taus 1.5,2,2.3,3"
+        )
+    return sorted({*taus, 1.0})
+
+
+def _settings(args, taus, sample: int) -> AutoTemperatureConfig:
+    return AutoTemperatureConfig(
+        sample=sample,
+        taus=[t for t in taus if t > 1.0],
+        function_budget=args.function_budget,
+        max_end_probability=args.max_end_probability,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
     )
 
 
@@ -104,31 +112,24 @@ def run(args) -> int:
 
     from asu_simu_plugin.arguments import check_layers_exist
     from asu_simu_plugin.data import load_qa_jsonl
-    from asu_simu_plugin.methods.asu.sweep import (
-        format_table,
-        plot_sweep,
-        recommend_tau,
-        tau_sweep,
-        write_sweep_csv,
-    )
+    from asu_simu_plugin.methods.asu.sweep import format_table, plot_grid, tau_sweep
+    from asu_simu_plugin.methods.asu.temperature import choose_temperature, write_grid_csv
 
     out = Path(args.out)
     if args.layers == "auto":
         return run_auto(args, out)
     with usage_checks():
-        taus = number_list(args.taus, "--taus", float, _positive_tau)
-        if not any(math.isclose(t, 1.0) for t in taus):
-            taus.append(1.0)  # the baseline the rule compares against
-        taus = sorted(set(taus))
+        taus = parse_taus(args.taus)
         layers = number_list(args.layers, "--layers", int, _layer_id) if args.layers else None
         rows = load_qa_jsonl(args.data, args.question_key, args.answer_key)[: args.max_examples]
+        settings = _settings(args, taus, len(rows))
         check_out_folder(out, RESULT_FILES, args.overwrite)
         layer_count = getattr(AutoConfig.from_pretrained(args.model), "num_hidden_layers", None)
         if layers is not None and layer_count:
             check_layers_exist("--layers", layers, layer_count)
         tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, attn_implementation="eager")
-    results = tau_sweep(
+    grid = tau_sweep(
         model,
         tokenizer,
         rows,
@@ -139,20 +140,11 @@ def run(args) -> int:
         progress=not args.quiet,
         max_length=args.max_length,
     )
-    tau, reason = recommend_tau(results, args.content_rise, args.function_budget)
-    met = meets_rule(results, tau, args.content_rise, args.function_budget)
-    write_sweep_csv(results, out / "tau_sweep.csv")
-    plot_sweep(results, out / "tau_sweep.png", tau if met else None)
-    print(format_table(results))
-    if met:
-        print(f"recommended tau: {tau:g} ({reason})")
-    else:
-        closest = f" Closest: tau {tau:g} ({reason})." if tau is not None else f" ({reason})"
-        print(
-            f"no tau meets the rule (content-token NLL +{args.content_rise:g} nats with "
-            f"function-token NLL at most +{args.function_budget:g}): none is recommended."
-            f"{closest} Try other --taus or --layers, or relax --content-rise."
-        )
+    chosen, reason = choose_temperature(grid, settings)
+    write_grid_csv(grid, out / "tau_sweep.csv")
+    plot_grid(grid, out / "tau_sweep.png", chosen)
+    print(format_table(grid))
+    print(f"chosen: temperature {chosen['tau']:g}, layers {chosen['layers']} ({reason})")
     print(f"wrote {out / 'tau_sweep.csv'} and {out / 'tau_sweep.png'}")
     return 0
 
@@ -162,22 +154,12 @@ def run_auto(args, out: Path) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from asu_simu_plugin.data import QADataset, load_qa_jsonl
-    from asu_simu_plugin.methods.asu.temperature import AutoTemperatureConfig, auto_temperature
+    from asu_simu_plugin.methods.asu.temperature import auto_temperature
 
     with usage_checks():
-        taus = number_list(args.taus, "--taus", float, _positive_tau)
-        taus = sorted({t for t in taus if t > 1.0})
-        if not taus:
-            raise ValueError("--taus: --layers auto needs values > 1, e.g. 1.5,2,2.3,3,4")
+        taus = parse_taus(args.taus)
         rows = load_qa_jsonl(args.data, args.question_key, args.answer_key)[: args.max_examples]
-        settings = AutoTemperatureConfig(
-            sample=len(rows),
-            taus=taus,
-            content_rise=args.content_rise,
-            function_budget=args.function_budget,
-            batch_size=args.batch_size,
-            progress=not args.quiet,
-        )
+        settings = _settings(args, taus, len(rows))
         check_out_folder(out, AUTO_FILES, args.overwrite)
         tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model)

@@ -1,15 +1,17 @@
 """ASU's `temperature: auto` / `layers: auto`: the forget-teacher's τ and layers, chosen on the
-forget set before training.
+forget set before training; the one measurement, rule and CSV writer behind it and behind the
+diagnostic `asu-simu tau-sweep` (`methods.asu.sweep`).
 
 For each candidate (τ, layer block) the model runs tempered on a sample of forget rows (teacher
 forcing, answer tokens scored) and `measure_teacher` records the mean NLL (nats) of the
-**content** answer tokens and of the **function** answer tokens, and P(end of answer) at the
-first answer token. A token is a *function* token if its decoded text, stripped and
-lower-cased, is in `STOP_WORDS` (a compact English stop-word list, below) or contains no letter
-or digit (punctuation, whitespace, eos and other special tokens); every other answer token is a
-*content* token (names, places, titles, numbers: what carries the facts). `choose_temperature`
-is the rule. The diagnostic `asu-simu tau-sweep` (`methods.asu.sweep`) measures and chooses
-the same way.
+**content** answer tokens and of the **function** answer tokens, P(end of answer) at the first
+answer token and, when asked, the attention entropy under the temperature. A token is a
+*function* token if its decoded text, stripped and lower-cased, is in `STOP_WORDS` (a compact
+English stop-word list, below) or contains no letter or digit (punctuation, whitespace, eos and
+other special tokens); every other answer token is a *content* token (names, places, titles,
+numbers: what carries the facts). Both means are token-weighted, so content_nll ·
+content_tokens + function_nll · function_tokens is the summed answer NLL. `choose_temperature`
+is the rule; `write_grid_csv` writes every grid.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import json
 import logging
 import math
 import sys
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,16 +66,10 @@ def function_token_ids(tokenizer, token_ids) -> torch.Tensor:
 
 # -- temperature: auto / layers: auto, and the collapse guard -------------------------------------
 AUTO = "auto"
-GRID_FIELDS = (
-    "tau",
-    "layers",
-    "content_nll",
-    "function_nll",
-    "end_probability",
-    "content_tokens",
-    "function_tokens",
-    "admissible",
-    "chosen",
+# The columns of every τ grid's CSV (a grid measured without attention entropy has no such column).
+GRID_FIELDS = tuple(
+    "tau layers content_nll function_nll end_probability attention_entropy content_tokens "
+    "function_tokens admissible chosen".split()
 )
 
 
@@ -95,9 +92,6 @@ class AutoTemperatureConfig:
     max_end_probability: float = field(
         default=0.1, metadata={"help": "largest P(end of answer) at the first answer token"}
     )
-    content_rise: float = field(
-        default=1.0, metadata={"help": "content-token NLL rise (nats) reported as enough"}
-    )
     batch_size: int = 8
     seed: int = 0
     progress: bool = True
@@ -109,9 +103,7 @@ class AutoTemperatureConfig:
         )
         if not self.taus:
             raise ValueError("tau_sweep.taus is empty: give τ values > 1, e.g. [1.5, 2, 2.3, 3]")
-        for name in ("sample", "batch_size"):
-            check_positive(getattr(self, name), f"tau_sweep.{name}")
-        for name in ("function_budget", "max_end_probability", "content_rise"):
+        for name in ("sample", "batch_size", "function_budget", "max_end_probability"):
             check_positive(getattr(self, name), f"tau_sweep.{name}")
 
 
@@ -165,9 +157,52 @@ def sample_items(dataset, size: int, seed: int = 0) -> list[dict]:
     return [{k: torch.as_tensor(dataset[int(i)][k]) for k in keys} for i in sorted(order.tolist())]
 
 
+@contextmanager
+def eager_attention(model):
+    """Run `model` with eager attention inside, the only implementation returning weights."""
+    model = unwrap_model(model)
+    current = getattr(model.config, "_attn_implementation", None)
+    setter = getattr(model, "set_attn_implementation", None)
+    if current in (None, "eager") or (setter is None and current == "sdpa"):
+        yield  # 4.45's SDPA modules compute eager attention when weights are requested
+        return
+    if setter is None:
+        raise ValueError(
+            f"the model uses {current!r} attention, which cannot return attention weights: "
+            "load it with attn_implementation='eager' for the τ sweep"
+        )
+    setter("eager")
+    try:
+        yield
+    finally:
+        setter(current)
+
+
+def _attention_entropy(attentions, layer_ids, query_mask) -> tuple[float, int]:
+    """Summed entropy (nats) of the attention rows of `query_mask`'s positions, and their count."""
+    if len(attentions) <= max(layer_ids) or attentions[layer_ids[0]] is None:
+        raise ValueError(
+            "the model returned no attention weights: load it with "
+            "attn_implementation='eager' for the attention-entropy measurement"
+        )
+    total, count = 0.0, 0
+    for layer_id in layer_ids:
+        probs = attentions[layer_id].float()  # [B, H, T, T]
+        entropy = -torch.special.xlogy(probs, probs).sum(-1)  # [B, H, T]; 0·log 0 = 0
+        selected = entropy.permute(0, 2, 1)[query_mask]  # [N, H]
+        total += float(selected.sum())
+        count += selected.numel()
+    return total, count
+
+
 @torch.no_grad()
-def measure_teacher(model, items, tau, layer_ids, function_ids, end_ids, batch_size=8) -> dict:
-    """Content/function answer NLL and P(end) at the first answer token, tempered (τ, layers)."""
+def measure_teacher(
+    model, items, tau, layer_ids, function_ids, end_ids, batch_size=8, attention_entropy=False
+) -> dict:
+    """The one measurement of a tempered (τ, layers) model on tokenised items: content/function
+    answer NLL, P(end) at the first answer token and, with `attention_entropy`, the mean
+    attention entropy (nats) over the tempered layers, all heads and every position predicting
+    an answer token (eager attention, switched on inside; memory grows with heads · length²)."""
     from asu_simu_plugin.data import PadCollator
     from asu_simu_plugin.diagnostics import end_probability_at_first_answer_token
 
@@ -175,43 +210,71 @@ def measure_teacher(model, items, tau, layer_ids, function_ids, end_ids, batch_s
     collate = PadCollator(0)  # padded positions are masked and carry label -100
     function_ids = torch.as_tensor(function_ids, dtype=torch.long, device=device)
     sums, counts, ends = {"content": 0.0, "function": 0.0}, {"content": 0, "function": 0}, []
-    with attention_temperature(model, float(tau), layer_ids):
+    entropy = [0.0, 0]
+    with (
+        eager_attention(model) if attention_entropy else nullcontext(),
+        attention_temperature(model, float(tau), layer_ids),
+    ):
         for start in range(0, len(items), batch_size):
             batch = {k: v.to(device) for k, v in collate(items[start : start + batch_size]).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            logits = logits.logits
-            nll = token_nll(logits, batch["labels"])
+            out = model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                **({"output_attentions": True} if attention_entropy else {}),
+            )
+            nll = token_nll(out.logits, batch["labels"])
             targets = batch["labels"][:, 1:]
             answer = targets != IGNORE_INDEX
             function = torch.isin(targets, function_ids) & answer
             for kind, mask in (("content", answer & ~function), ("function", function)):
                 sums[kind] += float(nll[mask].sum())
                 counts[kind] += int(mask.sum())
-            ends += end_probability_at_first_answer_token(logits, batch["labels"], end_ids).tolist()
-    return {
+            ends += end_probability_at_first_answer_token(
+                out.logits, batch["labels"], end_ids
+            ).tolist()
+            if attention_entropy:
+                # logits at position t predict token t + 1: the query positions to look at
+                queries = torch.zeros_like(batch["labels"], dtype=torch.bool)
+                queries[:, :-1] = answer
+                total, count = _attention_entropy(out.attentions or (), layer_ids, queries)
+                entropy = [entropy[0] + total, entropy[1] + count]
+    measured = {
         "content_nll": sums["content"] / max(counts["content"], 1),
         "function_nll": sums["function"] / max(counts["function"], 1),
         "end_probability": sum(ends) / max(len(ends), 1),
         "content_tokens": counts["content"],
         "function_tokens": counts["function"],
     }
+    if attention_entropy:
+        measured["attention_entropy"] = entropy[0] / max(entropy[1], 1)
+    return measured
 
 
-def sweep_grid(model, items, taus, blocks, function_ids, end_ids, batch_size=8, progress=True):
-    """One row per (τ, layer block), after the untempered baseline (τ = 1, all layers)."""
+def sweep_grid(
+    model,
+    items,
+    settings,
+    function_ids,
+    end_ids,
+    batch_size=8,
+    progress=True,
+    attention_entropy=False,
+):
+    """One row per (τ, layer ids) of `settings`, measured by `measure_teacher` in eval mode (the
+    model's mode is restored afterwards, also on an error)."""
     from tqdm.auto import tqdm
 
     num_layers = len(decoder_layers(model))
-    settings = [(1.0, list(range(num_layers)))]
-    settings += [(float(t), block) for block in blocks for t in taus if float(t) != 1.0]
     was_training = model.training
     model.eval()
     rows = []
     try:
-        for tau, block in tqdm(settings, desc="ASU tau/layers sweep", disable=not progress):
-            measured = measure_teacher(model, items, tau, block, function_ids, end_ids, batch_size)
-            rows.append({"tau": tau, "layers": layers_label(block, num_layers), **measured})
-            rows[-1]["layer_ids"] = block
+        for tau, block in tqdm(settings, desc="ASU tau sweep", disable=not progress):
+            measured = measure_teacher(
+                model, items, tau, block, function_ids, end_ids, batch_size, attention_entropy
+            )
+            rows.append({"tau": float(tau), "layers": layers_label(block, num_layers), **measured})
+            rows[-1]["layer_ids"] = list(block)
     finally:
         model.train(was_training)
     return rows
@@ -231,7 +294,9 @@ def choose_temperature(rows, config: AutoTemperatureConfig | None = None):
     (smallest max(Δf / function_budget, P(end) / max_end_probability)) is taken, with that reason.
     """
     config = config or AutoTemperatureConfig()
-    base = next(r for r in rows if math.isclose(r["tau"], 1.0))
+    base = next((r for r in rows if math.isclose(r["tau"], 1.0)), None)
+    if base is None:
+        raise ValueError("the sweep has no τ = 1 row, the untempered baseline the rule needs")
     candidates = []
     for row in rows:
         if row["tau"] <= 1.0:
@@ -258,78 +323,22 @@ def choose_temperature(rows, config: AutoTemperatureConfig | None = None):
         row, d_content, d_function, _, _ = max(
             admissible, key=lambda c: (round(c[1] - c[2], 6), -c[0]["tau"], -c[4])
         )
-        enough = "reaches" if d_content >= config.content_rise else "falls short of"
         reason = (
             f"largest content-minus-function NLL rise among settings with function-token NLL "
             f"rise <= {config.function_budget:g} and P(end) <= {config.max_end_probability:g}: "
-            f"content +{d_content:.2f} nats ({enough} {config.content_rise:g}), function "
-            f"{d_function:+.2f}, P(end) {row['end_probability']:.3f}"
+            f"content {d_content:+.2f} nats, function {d_function:+.2f}, "
+            f"P(end) {row['end_probability']:.3f}"
         )
     else:
         row, d_content, d_function, _, _ = min(candidates, key=lambda c: (c[3], c[0]["tau"], c[4]))
         reason = (
             f"no setting keeps function-token NLL rise <= {config.function_budget:g} and P(end) "
             f"<= {config.max_end_probability:g}; the least violating one is taken (content "
-            f"+{d_content:.2f}, function {d_function:+.2f}, P(end) "
+            f"{d_content:+.2f}, function {d_function:+.2f}, P(end) "
             f"{row['end_probability']:.3f}): try smaller taus or teacher_eos=suppress"
         )
     row["chosen"] = True
     return row, reason
-
-
-def plot_grid(rows, path, chosen=None) -> Path:
-    """PNG: Δ content NLL, Δ function NLL and P(end) against τ, one line per layer block."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    base = next(r for r in rows if math.isclose(r["tau"], 1.0))
-    blocks = list(dict.fromkeys(r["layers"] for r in rows if r["tau"] > 1.0))
-    panels = (
-        ("content_nll", "content-token NLL rise (nats)\n(facts forgotten)"),
-        ("function_nll", "function-token NLL rise (nats)\n(fluency lost)"),
-        ("end_probability", "P(end) at the first answer token\n(collapse into silence)"),
-    )
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    for ax, (key, title) in zip(axes, panels, strict=True):
-        for block in blocks:
-            points = [(1.0, base[key])] + [
-                (r["tau"], r[key]) for r in rows if r["layers"] == block and r["tau"] > 1.0
-            ]
-            points.sort()
-            offset = 0.0 if key == "end_probability" else base[key]
-            ax.plot(
-                [p[0] for p in points],
-                [p[1] - offset for p in points],
-                "o-",
-                label=f"layers {block}",
-            )
-        offset = 0.0 if key == "end_probability" else base[key]
-        excluded = [r for r in rows if r["tau"] > 1.0 and r.get("admissible") is False]
-        if excluded:  # outside the fluency budget or above the P(end) limit
-            ax.plot(
-                [r["tau"] for r in excluded],
-                [r[key] - offset for r in excluded],
-                "x",
-                color="black",
-                markersize=7,
-                label="not admissible",
-            )
-        if chosen is not None:
-            value = chosen[key] - (0.0 if key == "end_probability" else base[key])
-            ax.plot([chosen["tau"]], [value], "*", color="tab:red", markersize=16, zorder=5)
-        ax.set_xlabel("attention temperature τ")
-        ax.set_title(title, fontsize=9)
-    axes[0].legend(fontsize=7)
-    if chosen is not None:
-        fig.suptitle(f"chosen: τ = {chosen['tau']:g}, layers {chosen['layers']} (red star)")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def _announce(message: str) -> None:
@@ -392,9 +401,9 @@ def auto_temperature(
             function = function_token_ids(tokenizer, answer_ids.tolist()).tolist()
         else:  # without a tokenizer only the end tokens count as function tokens
             function = ends
-        rows = sweep_grid(
-            model, items, taus, blocks, function, ends, config.batch_size, config.progress
-        )
+        grid = [(1.0, list(range(num_layers)))]  # the untempered baseline
+        grid += [(float(t), block) for block in blocks for t in taus if float(t) != 1.0]
+        rows = sweep_grid(model, items, grid, function, ends, config.batch_size, config.progress)
         chosen, reason = choose_temperature(rows, config)
         record = {
             "temperature": chosen["tau"],
@@ -410,6 +419,8 @@ def auto_temperature(
             "rows": [{k: v for k, v in r.items() if k != "layer_ids"} for r in rows],
         }
         if output_dir is not None:
+            from asu_simu_plugin.methods.asu.sweep import plot_grid
+
             out = Path(output_dir)
             write_grid_csv(rows, out / "asu_tau_sweep.csv")
             plot_grid(rows, out / "asu_tau_sweep.png", chosen)
@@ -426,10 +437,12 @@ def auto_temperature(
 
 
 def write_grid_csv(rows, path) -> Path:
+    """The one CSV of a τ grid (the diagnostic's and `auto`'s): the GRID_FIELDS some row has."""
+    fields = [name for name in GRID_FIELDS if any(name in row for row in rows)]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=GRID_FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     return path
