@@ -206,6 +206,11 @@ class GradDiffArguments(MethodArguments):
         super().__post_init__()
         check_number("gamma", self.gamma, 0)
         check_number("alpha", self.alpha, 0)
+        if self.gamma == 0 and self.alpha == 0:
+            raise MethodArgumentError(
+                "gamma=0 and alpha=0 switch off both losses, so training would not change the "
+                "model: set gamma > 0 (forget loss) or alpha > 0 (retain loss)"
+            )
         check_choice("retain_loss_type", self.retain_loss_type, self.RETAIN_LOSS_TYPES)
 
 

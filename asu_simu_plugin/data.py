@@ -37,7 +37,8 @@ def load_qa_jsonl(path, question_key="question", answer_key="answer") -> list[di
     """Read question/answer JSON lines; refuses anything else with the file and line named.
 
     One JSON object per line holding `question_key` and `answer_key` with text (numbers are
-    turned into text; null, booleans, lists and objects are refused); blank lines are skipped.
+    turned into text; null, booleans, lists and objects are refused, and so is an empty
+    answer); blank lines are skipped.
     """
     path = Path(path)
     expected = f"JSON lines with {question_key!r} and {answer_key!r}"
@@ -86,9 +87,26 @@ def load_qa_jsonl(path, question_key="question", answer_key="answer") -> list[di
                 "answer": _text(row[answer_key], path, number, answer_key),
             }
         )
+        if not rows[-1]["answer"].strip():
+            raise DataFormatError(f"{path}:{number}: {answer_key!r} is empty; {EMPTY_ANSWER}")
     if not rows:
         raise ValueError(f"{path} holds no examples: an empty forget/retain set cannot be used")
     return rows
+
+
+EMPTY_ANSWER = (
+    "training and attribution would see only the template's closing tokens: give every "
+    "question its answer, or leave the row out"
+)
+
+
+def check_answers(rows, name: str = "question/answer") -> None:
+    """Refuses an example whose answer is empty or only spaces (see EMPTY_ANSWER)."""
+    for index, row in enumerate(rows):
+        if not str(row["answer"]).strip():
+            raise DataFormatError(
+                f"{name} example {index} (0-based) has an empty answer; {EMPTY_ANSWER}"
+            )
 
 
 def prompt_and_answer_text(

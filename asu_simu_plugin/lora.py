@@ -121,6 +121,11 @@ def lora_config(r=None, alpha=None, dropout=None, target_modules=None):
     }
     if not isinstance(values["r"], int) or isinstance(values["r"], bool) or values["r"] < 1:
         raise ValueError(f"lora_r must be an integer >= 1 (got {values['r']!r})")
+    if not float(values["alpha"]) > 0:  # the update is scaled by alpha / r: 0 trains nothing
+        raise ValueError(
+            f"lora_alpha must be > 0 (got {values['alpha']!r}): the adapters' update is scaled "
+            "by lora_alpha / lora_r, so 0 would leave the model unchanged"
+        )
     if not 0 <= float(values["dropout"]) < 1:
         raise ValueError(f"lora_dropout must be in [0, 1) (got {values['dropout']!r})")
     targets = values["target_modules"]

@@ -16,7 +16,7 @@ import transformers
 from transformers import TrainingArguments
 
 from asu_simu_plugin import __version__
-from asu_simu_plugin.data import ForgetRetainDataset, PadCollator, QADataset
+from asu_simu_plugin.data import ForgetRetainDataset, PadCollator, QADataset, check_answers
 from asu_simu_plugin.output import (
     RUN_FILE,
     OutputPlan,
@@ -34,10 +34,14 @@ def standalone_methods() -> dict[str, str]:
     return {m.cli_name: m.name for m in methods().values()}
 
 
-def _setting(default, help: str, flag: str | None = None, check: str | None = None, **kwargs):
+def _setting(default, help: str, flag=None, check=None, resume_may_change=False, **kwargs):
     """A RunSettings field; `flag` / `check` (a `cli.checks` type) make it an `asu-simu unlearn`
-    flag, with `help`."""
-    return field(default=default, metadata={"help": help, "flag": flag, "check": check}, **kwargs)
+    flag, with `help`; `resume_may_change`: left out of the run identity (it does not change
+    the result, so a resume may set it anew)."""
+    metadata = {"help": help, "flag": flag, "check": check}
+    if resume_may_change:
+        metadata["resume_may_change"] = True
+    return field(default=default, metadata=metadata, **kwargs)
 
 
 @dataclass
@@ -54,7 +58,11 @@ class RunSettings:
         1, "gradient accumulation steps", "--grad-accum", "positive_int"
     )
     max_length: int = _setting(
-        512, "tokens per example (truncation)", "--max-length", "positive_int"
+        512,
+        "tokens per example (truncation); at most the model's positions, and `asu-simu unlearn` "
+        "lowers this default to them",
+        "--max-length",
+        "positive_int",
     )
     weight_decay: float = _setting(0.0, "AdamW/Sophia", "--weight-decay", "non_negative_float")
     warmup_steps: int = _setting(0, "learning-rate warmup steps")
@@ -67,6 +75,13 @@ class RunSettings:
         "--save-steps",
         "non_negative_int",
     )
+    save_total_limit: int = _setting(
+        2,
+        "checkpoints kept, the newest ones (0: all); a resume may change it",
+        "--save-total-limit",
+        "non_negative_int",
+        resume_may_change=True,
+    )
     save_strategy: str | None = _setting(None, 'None: "steps" with save_steps, else "no"')
     system_prompt: str | None = _setting(
         None, "system prompt of the chat template", "--system-prompt"
@@ -78,6 +93,7 @@ class RunSettings:
     def training_arguments(self, output_dir) -> TrainingArguments:
         strategy = self.save_strategy or ("steps" if self.save_steps else "no")
         saving = {"save_steps": self.save_steps} if self.save_steps else {}
+        saving["save_total_limit"] = self.save_total_limit or None
         return TrainingArguments(
             output_dir=str(output_dir),
             num_train_epochs=self.epochs,
@@ -117,7 +133,9 @@ def trainer_class(method: str):
 
 def qa_datasets(tokenizer, forget_rows, retain_rows, settings: RunSettings):
     """Tokenised forget and retain sets, minus examples whose answer truncation removed (reported);
-    an error when a set keeps no answer token at all."""
+    an error when a set keeps no answer token at all, or holds an empty answer."""
+    check_answers(forget_rows, "forget")
+    check_answers(retain_rows, "retain")
     forget = QADataset(forget_rows, tokenizer, settings.max_length, settings.system_prompt)
     retain = QADataset(retain_rows, tokenizer, settings.max_length, settings.system_prompt)
     return forget.without_empty_answers("forget"), retain.without_empty_answers("retain")
@@ -173,7 +191,8 @@ def run_unlearning(
     """Unlearn `forget_rows` from `model`; save it with its tokenizer and the run record.
 
     The run writes into OUTPUT.partial and moves it to `output_dir` when done (see
-    `prepare_output`, which refuses unsafe outputs and checks a resumed checkpoint). Returns
+    `prepare_output`, which refuses unsafe outputs, locks OUTPUT for the run and chooses the
+    checkpoint to resume); `plan`: one `prepare_output` returned already. Returns
     the trainer, or None when `resume` found this very run already finished.
     """
     settings = settings or RunSettings()

@@ -1,4 +1,5 @@
-"""Running `asu-simu unlearn` in-process on the `files` fixture (a tiny model, forget and retain)."""
+"""Running `asu-simu unlearn` in-process on the `files` fixture (a tiny model, forget and retain),
+and reading its one-line errors."""
 
 from __future__ import annotations
 
@@ -30,3 +31,17 @@ def unlearn(files, output, *extra, method="asu"):
             *extra,
         ]
     )
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def last_error_line(capsys) -> str:
+    """After training: the progress bar comes first (on stderr too), then the one error line."""
+    err = capsys.readouterr().err.strip().splitlines()
+    line = err[-1][err[-1].find("asu-simu") :]
+    assert line.startswith("asu-simu") and all("error" not in e for e in err[:-1]), err
+    return line

@@ -151,3 +151,13 @@ def files(tmp_path, toy_authors, toy_tokenizer):
     forget.write_text("\n".join(json.dumps(qa) for qa in toy_authors[0].qa_pairs()))
     retain.write_text("\n".join(json.dumps(qa) for a in toy_authors[1:3] for qa in a.qa_pairs()))
     return model_dir, forget, retain
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Fails the test if a command loads model weights (the checks must come first)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)

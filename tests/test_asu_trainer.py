@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from asu_simu_plugin import attention, losses, toy
 from asu_simu_plugin.attention import attention_temperature
-from asu_simu_plugin.cli.demo import finetune
 from asu_simu_plugin.data import PadCollator, QADataset
+from asu_simu_plugin.demo import finetune
 from asu_simu_plugin.diagnostics import answer_probability
 from asu_simu_plugin.methods.asu import ASUArguments
 from asu_simu_plugin.output import RUN_FILE

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
-from cli_support import unlearn
+from cli_support import last_error_line, one_error_line, unlearn
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -19,30 +18,6 @@ from asu_simu_plugin.cli import main
 from asu_simu_plugin.output import RESUME_FILE, RUN_FILE
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture
-def no_model_loading(monkeypatch):
-    """Fails the test if a command loads model weights (the checks must come first)."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the arguments were checked")
-
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    return err[0]
-
-
-def last_error_line(capsys) -> str:
-    """After training: the progress bar comes first (on stderr too), then the one error line."""
-    err = capsys.readouterr().err.strip().splitlines()
-    line = err[-1][err[-1].find("asu-simu") :]
-    assert line.startswith("asu-simu") and all("error" not in e for e in err[:-1]), err
-    return line
 
 
 # -- 1. outputs -------------------------------------------------------------------------------------
@@ -444,7 +419,7 @@ def test_prepare_output_refusals(tmp_path, monkeypatch):
 
 
 def test_demo_refuses_a_non_empty_output_before_finetuning(tmp_path, capsys, monkeypatch):
-    from asu_simu_plugin.cli import demo
+    from asu_simu_plugin import demo
 
     def refuse(*args, **kwargs):
         raise AssertionError("fine-tuning started before the output was checked")
@@ -456,3 +431,9 @@ def test_demo_refuses_a_non_empty_output_before_finetuning(tmp_path, capsys, mon
     assert "exists and is not empty: add --overwrite" in one_error_line(capsys)
     assert main(["demo", "--finetune-epochs", "0"]) == 2
     assert "argument --finetune-epochs: must be >= 1" in one_error_line(capsys)
+    # ASU's arguments too, before fine-tuning
+    assert main(["demo", "--output", str(tmp_path / "d"), "--gamma", "0", "--alpha", "0"]) == 2
+    assert "gamma=0 and alpha=0 switch off both losses" in one_error_line(capsys)
+    assert main(["demo", "--output", str(tmp_path / "d"), "--temperature", "1"]) == 2
+    assert "temperature=1 leaves the attention as it is" in one_error_line(capsys)
+    assert not (tmp_path / "d").exists() and not (tmp_path / "d.partial").exists()

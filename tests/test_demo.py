@@ -10,8 +10,9 @@ from transformers import AutoModelForCausalLM
 
 from asu_simu_plugin import toy
 from asu_simu_plugin.cli import main
-from asu_simu_plugin.cli.demo import facts_stated, greedy_answers, run_demo
+from asu_simu_plugin.cli.demo import print_table
 from asu_simu_plugin.data import prompt_and_answer_text
+from asu_simu_plugin.demo import facts_stated, greedy_answers, run_demo
 from asu_simu_plugin.output import RUN_FILE
 
 
@@ -43,9 +44,13 @@ def test_short_demo_forgets_keeps_the_rest_and_saves_a_plain_model(tmp_path, cap
     saved = AutoModelForCausalLM.from_pretrained(out)  # plain transformers, no extra keys
     state = saved.state_dict()
     assert not any("original" in key or "teacher" in key for key in state)
+    assert capsys.readouterr().out == ""  # the library prints nothing; the command prints this:
+    print_table(result)
     table = capsys.readouterr().out
     assert f"{after['forget']['prob']:.3f}" in table and f"{teacher['forget']['prob']:.3f}" in table
     assert "forget: facts in greedy answers" in table
+    assert f"unlearning '{result['author']}'" in table
+    assert f"  {result['forget_questions'][0]}\n    before: " in table
 
 
 @torch.no_grad()

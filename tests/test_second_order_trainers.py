@@ -235,6 +235,7 @@ def test_resume_from_checkpoint_is_identical(world, tmp_path):
             learning_rate=1e-3,
             logging_steps=1,
             save_strategy="steps",
+            save_total_limit=0,  # keep checkpoint-10, resumed below
             extra={"save_steps": 5, "max_steps": max_steps},
         )
         trainer = build_trainer(

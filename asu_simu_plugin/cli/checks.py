@@ -7,6 +7,7 @@ The `type=` callables raise `argparse.ArgumentTypeError`, which argparse reports
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 from pathlib import Path
@@ -89,6 +90,50 @@ def model_source(text: str) -> str:
     if offline or not hub_like:
         raise argparse.ArgumentTypeError(f"{text}: no such model folder")
     return text
+
+
+# A tokenizer saved by transformers has at least one of these.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
+
+
+def check_model_folder(text: str) -> None:
+    """A local model folder holds tokenizer files and intact weight files (a hub id: nothing to
+    check). ValueError names the file and the fix; nothing is loaded."""
+    from asu_simu_plugin.output import file_problem, weight_files
+
+    path = Path(text).expanduser()
+    if not path.is_dir():
+        return
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(
+            f"{text} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): save the tokenizer "
+            f"into it (tokenizer.save_pretrained({str(text)!r})) or copy its files there"
+        )
+    for index in sorted(path.glob("*.index.json")):
+        problem = file_problem(index)
+        if problem:
+            raise ValueError(f"{index} is damaged ({problem}): copy or download the model again")
+        shards = set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values())
+        missing = sorted(s for s in shards if not (path / s).is_file())
+        if missing:
+            raise ValueError(
+                f"{index} lists {', '.join(missing)}, missing from {text}: copy or download "
+                "the model again"
+            )
+    for file in weight_files(path):
+        problem = file_problem(file)
+        if problem:
+            raise ValueError(
+                f"{file} is damaged ({problem}): copy or download the model again (or save it "
+                "again with save_pretrained)"
+            )
 
 
 def output_folder(text: str) -> str:

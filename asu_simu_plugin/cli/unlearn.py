@@ -8,20 +8,23 @@ tokenizer's chat template is used when it has one. The output is a plain `save_p
 its tokenizer and `asu_simu_run.json` (method, arguments, settings, versions, log history).
 
 Everything is checked before the model is loaded. The run writes into DIR.partial and moves it to
-DIR at the end, so an interrupted run never leaves a half-written model in DIR. An existing
+DIR at the end, so an interrupted run never leaves a half-written model in DIR; DIR may not hold
+the model or the data files, and one run at a time writes to it (DIR.lock). An existing
 non-empty DIR is replaced only with --overwrite; --resume continues an interrupted run from its
-last checkpoint (--save-steps) only if the checkpoint records the same method, data and settings.
+newest complete checkpoint (--save-steps) only if the checkpoint records the same method, data
+and settings.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import shlex
 import sys
 from dataclasses import fields
 
 from asu_simu_plugin.cli import checks, usage_checks
-from asu_simu_plugin.cli.checks import model_source, output_folder
+from asu_simu_plugin.cli.checks import check_model_folder, model_source, output_folder
 from asu_simu_plugin.registry import methods
 from asu_simu_plugin.runner import RunSettings
 
@@ -73,6 +76,14 @@ def _setting_flags():
             )
 
 
+class _SettingFlag(argparse.Action):
+    """Stores a training flag and notes that it was given (a default may depend on the model)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.given = {*namespace.given, self.dest}
+
+
 def add_arguments(parser) -> None:
     parser.add_argument(
         "--method",
@@ -110,7 +121,10 @@ def add_arguments(parser) -> None:
         help="a method argument (listed below), repeatable",
     )
     for name, flag, check, default, text in _setting_flags():
-        parser.add_argument(flag, dest=name, type=check, default=default, help=text)
+        parser.add_argument(
+            flag, dest=name, type=check, default=default, help=text, action=_SettingFlag
+        )
+    parser.set_defaults(given=frozenset())
     parser.add_argument("--question-key", default="question", help="question key in the files")
     parser.add_argument("--answer-key", default="answer", help="answer key in the files")
     parser.add_argument(
@@ -121,30 +135,63 @@ def add_arguments(parser) -> None:
     )
 
 
-def run_settings(args) -> RunSettings:
-    return RunSettings(**{name: getattr(args, name) for name, *_ in _setting_flags()})
+def model_positions(config) -> int | None:
+    """How many positions the model has (its config's max_position_embeddings), if it says."""
+    config = getattr(config, "text_config", None) or config
+    positions = getattr(config, "max_position_embeddings", None)
+    return positions if isinstance(positions, int) and positions > 0 else None
 
 
-def check_against_config(parsed, model) -> None:
-    """The method's checks against the model's config (read; the weights are not loaded yet)."""
-    from transformers import AutoConfig
+def run_settings(args, config=None) -> RunSettings:
+    """The flags' RunSettings; --max-length at most the model's positions (read from `config`):
+    beyond them is refused, and the default is lowered to them."""
+    values = {name: getattr(args, name) for name, *_ in _setting_flags()}
+    positions = model_positions(config)
+    if positions is not None and values["max_length"] > positions:
+        if "max_length" in getattr(args, "given", ()):
+            raise ValueError(
+                f"--max-length {values['max_length']} is beyond the model's {positions} positions "
+                f"(max_position_embeddings in its config.json): give --max-length {positions} "
+                "or less"
+            )
+        values["max_length"] = positions
+    return RunSettings(**values)
 
-    parsed.check_model_config(AutoConfig.from_pretrained(model))
+
+def input_paths(args, method_args) -> dict:
+    """The inputs an --output must not hold (the model is `prepare_output`'s `source`)."""
+    inputs = {"--forget file": args.forget, "--retain file": args.retain}
+    for name, value in method_args.to_dict().items():
+        if name.endswith("_path") and value:
+            inputs[f"{name} file"] = value
+    return inputs
 
 
 def run(args) -> int:
+    from transformers import AutoConfig
+
     from asu_simu_plugin.data import load_qa_jsonl
     from asu_simu_plugin.output import prepare_output, run_identity
     from asu_simu_plugin.runner import method_arguments, qa_datasets
 
     with usage_checks():
         parsed = method_arguments(args.method, parse_sets(args.set))
-        check_against_config(parsed, args.model)
+        # The config is read, the weights are not loaded yet.
+        config = AutoConfig.from_pretrained(args.model)
+        parsed.check_model_config(config)
+        check_model_folder(args.model)
         forget = load_qa_jsonl(args.forget, args.question_key, args.answer_key)
         retain = load_qa_jsonl(args.retain, args.question_key, args.answer_key)
-        settings = run_settings(args)
+        settings = run_settings(args, config)
         identity = run_identity(args.method, parsed, settings, forget, retain, args.model)
-        plan = prepare_output(args.output, args.model, identity, args.overwrite, args.resume)
+        plan = prepare_output(
+            args.output,
+            args.model,
+            identity,
+            args.overwrite,
+            args.resume,
+            inputs=input_paths(args, parsed),
+        )
     if plan.finished:
         print(
             f"{plan.output} already holds this run (same method, data and settings): nothing to do"

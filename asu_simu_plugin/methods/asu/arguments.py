@@ -75,6 +75,12 @@ class ASUArguments(GradDiffArguments):
                     " the paper's TOFU setting is temperature=2.3 layers=null"
                 )
             check_number("temperature", self.temperature, above=0)
+            if self.temperature == 1:
+                raise MethodArgumentError(
+                    "temperature=1 leaves the attention as it is, so the forget-teacher is the "
+                    "model itself and nothing is unlearned: use a temperature > 1 (the paper's "
+                    'TOFU setting is 2.3) or "auto"'
+                )
         check_layer_ids("layers", self.layers, allow_auto=True)
         check_choice("forget_loss_type", self.forget_loss_type, self.FORGET_LOSS_TYPES)
         if AUTO in (self.temperature, self.layers) and self.forget_loss_type != "KL":
