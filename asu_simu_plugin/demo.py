@@ -17,8 +17,9 @@ Choices that make a model small enough for a CPU behave like a large one under s
   sharply peaked attention, so a small τ already blurs it, while this tiny model, trained for
   seconds, spreads its attention almost uniformly (`asu-simu tau-sweep` shows its attention
   entropy near that of uniform attention), so only a large τ takes its facts away (the paper's
-  WMDP variant uses τ = 100). `asu-simu tau-sweep` on the seed-0 target proposes τ = 10 as
-  well; on a real model, choose τ with it.
+  WMDP variant uses τ = 100). `asu-simu tau-sweep`'s rule is more cautious on the seed-0
+  target (it keeps τ <= 5, where the function-token NLL stays within its 0.5-nat budget): the
+  demo trades some fluency for a visible effect; on a real model, choose τ with the sweep.
 - Retain weight alpha = 3 and a small learning rate: what the student learns on the forgotten
   author would otherwise spread to the other authors, who share every answer template.
 """
