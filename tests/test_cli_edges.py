@@ -56,13 +56,14 @@ def test_output_holding_the_data_files_is_refused_untouched(
 def test_a_mask_file_given_with_set_is_protected(tmp_path):
     from argparse import Namespace
 
+    import torch
+
     from asu_simu_plugin.cli.unlearn import input_paths
+    from asu_simu_plugin.methods.simu.masks import save_masks
 
     masks = tmp_path / "masks"
     masks.mkdir()
-    (masks / "simu_masks.json").write_text("{}")
-    mask = masks / "simu_masks.safetensors"
-    mask.write_bytes(b"")
+    mask, _ = save_masks({0: torch.tensor([True, False])}, masks / "simu_masks")
     args = Namespace(forget="f.jsonl", retain="r.jsonl")
     simu = runner.method_arguments("simu", {"mask_path": str(mask)})
     inputs = input_paths(args, simu)
