@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -9,8 +10,9 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from asu_simu_plugin import toy
+from asu_simu_plugin import registry, toy
 from asu_simu_plugin.arch import attention_projection_names, decoder_layers, down_projection
+from asu_simu_plugin.guards import NonFiniteTrainingError
 from asu_simu_plugin.methods.simu.masks import load_masks
 from asu_simu_plugin.methods.sophia.optimizer import SophiaG
 from asu_simu_plugin.runner import RunSettings, build_trainer
@@ -62,6 +64,75 @@ def test_gnb_pass_keeps_the_training_gradient(world, tmp_path):
     answer_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batch.values())
     assert trainer.hessian_tokens == answer_tokens
     assert all(g["bs"] == 1 for g in optimizer.param_groups)  # B is folded into each estimate
+
+
+def hessians_of(trainer):
+    optimizer = trainer.optimizer_for_hessian()
+    return [optimizer.state[p]["hessian"].clone() for p in trainer.model.parameters()]
+
+
+@pytest.mark.parametrize("fault", ["loss", "gradient", "logits"])
+def test_a_nonfinite_hessian_pass_stops_before_the_estimate_changes(world, tmp_path, fault):
+    from asu_simu_plugin.methods.sophia.trainer import SophiaMixin
+
+    trainer = make(world, "sograddiff", tmp_path, hessian_mode="gnb")
+    trainer.create_optimizer()
+    model = trainer.model
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    trainer.gauss_newton_bartlett_update(model, batch)  # a finite estimate first
+    before = hessians_of(trainer)
+    assert any(bool(h.any()) for h in before)
+    training_grads = {}
+    for name, p in model.named_parameters():
+        p.grad = torch.randn_like(p)
+        training_grads[name] = p.grad.clone()
+    name = "model.layers.0.mlp.down_proj.weight"
+    if fault == "loss":
+        original = SophiaMixin._sampled_label_loss
+        trainer._sampled_label_loss = lambda m, b: original(trainer, m, b) * float("nan")
+        expected = "the sampled-label loss of the Hessian pass is nan"
+    elif fault == "gradient":
+        weight = model.get_parameter(name)
+        weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+        expected = f"the Hessian pass's gradients of {name} are non-finite"
+    else:  # a non-finite weight: without the guard, torch.multinomial fails on NaN probabilities
+        with torch.no_grad():
+            model.get_parameter(name)[0, 0] = float("nan")
+        expected = "the sampled-label loss of the Hessian pass is nan"
+    trainer.state.global_step = 7
+    with pytest.raises(NonFiniteTrainingError) as caught:
+        trainer.gauss_newton_bartlett_update(model, batch)
+    assert str(caught.value).startswith(
+        f"training diverged at optimizer step 7: {expected} (the Hessian estimate was left "
+        "unchanged). Stopped without saving a model"
+    )
+    after = hessians_of(trainer)
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert trainer._hessian_updates == 1
+    assert all(torch.equal(p.grad, training_grads[n]) for n, p in model.named_parameters())
+
+
+def test_training_stops_at_the_step_of_a_nonfinite_hessian_pass(world, tmp_path):
+    from asu_simu_plugin.methods.sophia.trainer import SophiaMixin
+
+    trainer = make(world, "sograddiff", tmp_path, hessian_mode="gnb", hessian_interval=1)
+    original = SophiaMixin._sampled_label_loss
+    passes = []
+
+    def second_pass_is_nan(model, batch):
+        loss = original(trainer, model, batch)
+        if trainer.state.global_step < 2:
+            return loss
+        if not passes:
+            passes.append(hessians_of(trainer))  # the estimate after step 1's pass
+        return loss * float("nan")
+
+    trainer._sampled_label_loss = second_pass_is_nan
+    with pytest.raises(NonFiniteTrainingError, match=r"at optimizer step 2: the sampled-label"):
+        trainer.train()
+    assert trainer.state.global_step == 2 and trainer._hessian_updates == 1
+    assert all(torch.equal(a, b) for a, b in zip(passes[0], hessians_of(trainer), strict=True))
+    assert all(bool(p.isfinite().all()) for p in trainer.model.parameters())
 
 
 def argmax_labels(logits):
@@ -127,24 +198,30 @@ def test_gnb_with_a_fixed_sophia_bs_applies_it_at_step_time(world, tmp_path):
     assert {g["bs"] for g in trainer.optimizer_for_hessian().param_groups} == {64}
 
 
-def test_so_trainers_honour_a_sophia_optimizer_config_and_refuse_others(world, tmp_path):
-    from asu_simu_plugin.optimizers import SophiaG as RegistrySophiaG
+def registry_optimizer():
+    """The class the harness's optimizer registry gets for `handler: SophiaG`."""
+    (target,) = [c.target for c in registry.components("optimizer") if c.name == "SophiaG"]
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
 
+
+def test_so_trainers_honour_a_sophia_optimizer_config_and_refuse_others(world, tmp_path):
     trainer = make(world, "sograddiff", tmp_path, hessian_mode="grad2")
     # what the harness's optimizer registry does for `trainer.optimizer: {handler: SophiaG, ...}`
     trainer.get_optimizer_cls_and_kwargs = lambda args, model=None: (
-        RegistrySophiaG,
+        registry_optimizer(),
         {"lr": 3e-3, "betas": [0.5, 0.6], "rho": 0.2, "weight_decay": 0.25},
     )
     optimizer = trainer.create_optimizer()
     assert type(optimizer) is SophiaG
     group = optimizer.param_groups[0]
     assert (group["lr"], group["betas"], group["rho"]) == (3e-3, (0.5, 0.6), 0.2)
-    assert group["weight_decay"] == 0.25 and group["auto_hessian"] and group["bs"] == 5120
+    assert group["weight_decay"] == 0.25 and group["hessian_mode"] == "grad2"
+    assert group["bs"] == 5120
     for cls, kwargs, match in (
         (torch.optim.AdamW, {"lr": 1e-3}, "trainer.optimizer=AdamW cannot be honoured"),
-        (RegistrySophiaG, {"momentum": 0.9}, "not SophiaG options"),
-        (RegistrySophiaG, {"hessian_source": "grad2"}, "method_args.hessian_mode"),
+        (SophiaG, {"momentum": 0.9}, "not SophiaG options"),
+        (SophiaG, {"hessian_mode": "gnb"}, "method_args.hessian_mode"),
     ):
         other = make(world, "sograddiff", tmp_path / cls.__name__, hessian_mode="grad2")
         other.get_optimizer_cls_and_kwargs = lambda args, model=None, c=cls, k=kwargs: (c, k)
@@ -152,19 +229,23 @@ def test_so_trainers_honour_a_sophia_optimizer_config_and_refuse_others(world, t
             other.create_optimizer()
 
 
-def test_sophia_from_the_registry_refreshes_its_hessian_or_refuses():
-    from asu_simu_plugin.optimizers import SophiaG as RegistrySophiaG
+@pytest.mark.parametrize("mode", ["gnb", "grad2"])
+def test_so_trainers_pass_their_hessian_mode(world, tmp_path, mode):
+    trainer = make(world, "sograddiff", tmp_path, hessian_mode=mode)
+    groups = trainer.create_optimizer().param_groups
+    assert {g["hessian_mode"] for g in groups} == {mode}
 
+
+def test_the_registry_optimizer_refreshes_its_hessian_by_default():
+    assert registry_optimizer() is SophiaG  # one class, wherever it is reached from
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(5))
-    optimizer = RegistrySophiaG([p], lr=1e-2, betas=(0.9, 0.5))
+    optimizer = registry_optimizer()([p], lr=1e-2, betas=(0.9, 0.5))
     p.grad = torch.randn(5)
     optimizer.step()  # no update_hessian() anywhere: the step itself folds grad² in
-    torch.testing.assert_close(optimizer.state[p]["hessian"], 0.5 * p.grad**2)
-    with pytest.raises(ValueError, match="needs a Hessian source"):
-        RegistrySophiaG([p], auto_hessian=False)
-    with pytest.raises(ValueError, match="hessian_mode: gnb"):
-        RegistrySophiaG([p], hessian_source="none")
+    torch.testing.assert_close(optimizer.state[p]["hessian"], 0.5 * p.grad**2, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="hessian_mode='none'"):
+        registry_optimizer()([p], hessian_mode="none")
 
 
 def test_soul_compat_needs_grad2(world, tmp_path):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from asu_simu_plugin.methods.sophia import kernels
 from asu_simu_plugin.methods.sophia.optimizer import SophiaG
 
 F32 = np.float32
@@ -118,7 +119,7 @@ def test_fifty_steps_match_the_published_rule(mode, maximize):
         [{"params": [params[0], params[2]], **GROUPS[0]}, {"params": [params[1], params[3]]}],
         **GROUPS[1],
         maximize=maximize,
-        auto_hessian=mode == "grad2",
+        hessian_mode="gnb" if mode == "gnb" else "grad2",
         soul_compat=mode == "soul",
     )
     seen, seen_for_hessian, win_rates = [], {}, []
@@ -160,7 +161,7 @@ def test_step_bs_overrides_the_group_bs():
     runs = []
     for group_bs, step_bs in ((16, None), (5120, 16)):
         params = [torch.nn.Parameter(t.clone()) for t in init]
-        opt = SophiaG(params, lr=1e-2, bs=group_bs, auto_hessian=True)
+        opt = SophiaG(params, lr=1e-2, bs=group_bs)  # the default: grad2
         for step in range(10):
             for p, g in zip(params, grads_at(step, [p.detach() for p in params]), strict=True):
                 p.grad = g
@@ -189,7 +190,7 @@ def test_bf16_state_is_fp32_and_tracks_an_fp32_run_exactly():
     start = torch.randn(6, 5).to(torch.bfloat16)
     half = torch.nn.Parameter(start.clone())
     full = torch.nn.Parameter(start.float())
-    options = dict(lr=1e-4, weight_decay=0.1, rho=0.04, bs=8)
+    options = dict(lr=1e-4, weight_decay=0.1, rho=0.04, bs=8, hessian_mode="gnb")
     half_opt, full_opt = SophiaG([half], **options), SophiaG([full], **options)
     # the same bf16-representable gradients for both
     _random_run(half_opt, [half], 200)
@@ -208,7 +209,7 @@ def test_bf16_state_is_fp32_and_tracks_an_fp32_run_exactly():
 def test_bf16_updates_below_the_rounding_step_add_up():
     # 1.0 in bf16 has a rounding step of 2^-7 ≈ 0.0078; each update is lr = 1e-3 (zero Hessian).
     p = torch.nn.Parameter(torch.ones(8, dtype=torch.bfloat16))
-    opt = SophiaG([p], lr=1e-3, weight_decay=0.0)
+    opt = SophiaG([p], lr=1e-3, weight_decay=0.0, hessian_mode="gnb")
     for _ in range(40):
         p.grad = torch.ones_like(p)
         opt.step()
@@ -223,7 +224,7 @@ def test_bf16_updates_below_the_rounding_step_add_up():
 
 def test_bf16_parameter_changed_outside_the_optimizer_is_picked_up():
     p = torch.nn.Parameter(torch.ones(8, dtype=torch.bfloat16))
-    opt = SophiaG([p], lr=1e-3, weight_decay=0.0)
+    opt = SophiaG([p], lr=1e-3, weight_decay=0.0, hessian_mode="gnb")
     for _ in range(3):
         p.grad = torch.ones_like(p)
         opt.step()
@@ -243,12 +244,15 @@ def test_bf16_parameter_changed_outside_the_optimizer_is_picked_up():
 
 def test_fp64_parameters_are_updated_in_fp64():
     p = torch.nn.Parameter(torch.full((3,), 1 + 1e-10, dtype=torch.float64))
-    opt = SophiaG([p], lr=1e-3, weight_decay=0.0)
+    opt = SophiaG([p], lr=1e-3, weight_decay=0.0, hessian_mode="gnb")
     p.grad = torch.ones_like(p)
     opt.step()
     assert p.dtype == torch.float64 and opt.state[p]["exp_avg"].dtype == torch.float32
     torch.testing.assert_close(p.detach(), torch.full((3,), 1 + 1e-10 - 1e-3, dtype=torch.float64))
     assert (p.detach() != torch.tensor(1 - 1e-3, dtype=torch.float32).double()).all()
+
+
+MODES = {"gnb": {"hessian_mode": "gnb"}, "soul": {"soul_compat": True}}
 
 
 # -- masks -----------------------------------------------------------------------------------
@@ -259,7 +263,7 @@ def test_masked_entries_stay_bit_identical_with_weight_decay(dtype, mode):
     start = torch.randn(5, 6).to(dtype)
     masked = torch.nn.Parameter(start.clone())
     plain = torch.nn.Parameter(start.clone())
-    options = dict(lr=1e-2, weight_decay=0.5, rho=0.04, bs=4, soul_compat=mode == "soul")
+    options = dict(lr=1e-2, weight_decay=0.5, rho=0.04, bs=4, **MODES[mode])
     masked_opt, plain_opt = SophiaG([masked], **options), SophiaG([plain], **options)
     _random_run(masked_opt, [masked], 4)  # momentum and Hessian become nonzero first
     _random_run(plain_opt, [plain], 4)
@@ -294,7 +298,7 @@ def test_masked_entries_stay_bit_identical_with_weight_decay(dtype, mode):
 def test_resume_from_state_dict_is_bit_identical(dtype, mode):
     torch.manual_seed(1)
     init = [torch.randn(4, 3).to(dtype), torch.randn(3).to(dtype)]
-    options = dict(lr=1e-2, weight_decay=0.1, bs=16, soul_compat=mode == "soul")
+    options = dict(lr=1e-2, weight_decay=0.1, bs=16, **MODES[mode])
 
     def fresh(values):
         params = [torch.nn.Parameter(v.clone()) for v in values]
@@ -328,7 +332,9 @@ def test_resume_from_state_dict_is_bit_identical(dtype, mode):
 # -- win rate and errors ---------------------------------------------------------------------
 def test_win_rate_counts_unclipped_unmasked_coordinates():
     p = torch.nn.Parameter(torch.zeros(6))
-    opt = SophiaG([p], lr=0.1, betas=(0.0, 0.0), rho=0.5, weight_decay=0.0, bs=4.0)
+    opt = SophiaG(
+        [p], lr=0.1, betas=(0.0, 0.0), rho=0.5, weight_decay=0.0, bs=4.0, hessian_mode="gnb"
+    )
     assert opt.win_rate() is None
     # β₂ = 0: h = g², so rho·bs·h = 2·g²  -> limits 2, 2, 2, 2, 0, 2
     p.grad = torch.tensor([1.0, 1.0, 1.0, -1.0, 0.0, 1.0])
@@ -357,6 +363,12 @@ def test_errors_name_the_fix():
         SophiaG([p], weight_decay=-0.1)
     with pytest.raises(ValueError, match="bs=0"):
         SophiaG([p], bs=0)
+    with pytest.raises(ValueError, match=r"hessian_mode='none'; use 'grad2' .* or 'gnb'"):
+        SophiaG([p], hessian_mode="none")
+    with pytest.raises(ValueError, match=r"soul_compat=True reproduces SOUL.*'gnb'"):
+        SophiaG([p], hessian_mode="gnb", soul_compat=True)
+    with pytest.raises(ValueError, match="foreach='yes'"):
+        SophiaG([p], foreach="yes")
     with pytest.raises(ValueError, match=r"parameter group 1\): rho=0"):
         SophiaG([{"params": [p]}, {"params": [torch.nn.Parameter(torch.zeros(2))], "rho": 0}])
     opt = SophiaG([p])
@@ -373,8 +385,9 @@ def test_errors_name_the_fix():
         opt.set_mask(torch.nn.Parameter(torch.zeros(3)), torch.ones(3, dtype=torch.bool))
 
 
+@pytest.mark.parametrize("foreach", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_slices_give_the_whole_tensor_update(dtype):
+def test_cpu_slices_give_the_whole_tensor_update(dtype, foreach):
     # CPU parameters are updated in slices along dim 0; slices of 2 rows / 7 entries here.
     torch.manual_seed(3)
     init = [torch.randn(9, 4).to(dtype), torch.randn(30).to(dtype), torch.randn(()).to(dtype)]
@@ -382,9 +395,9 @@ def test_cpu_slices_give_the_whole_tensor_update(dtype):
     runs = []
     for chunk in (8, 1 << 30):
         params = [torch.nn.Parameter(t.clone()) for t in init]
-        opt = SophiaG(params, lr=1e-2, weight_decay=0.1, bs=16, soul_compat=True)
+        opt = SophiaG(params, lr=1e-2, weight_decay=0.1, bs=16, soul_compat=True, foreach=foreach)
         opt.cpu_chunk_elements = chunk
-        assert len(opt._parts(params[0])) == (5 if chunk == 8 else 1)
+        assert len(kernels._parts(params[0], chunk)) == (5 if chunk == 8 else 1)
         for p, mask in zip(params, masks, strict=True):
             if mask is not None:
                 opt.set_mask(p, mask)
@@ -398,3 +411,143 @@ def test_cpu_slices_give_the_whole_tensor_update(dtype):
     frozen = ~masks[0].expand(9, 4)
     assert torch.equal(sliced[0].detach()[frozen], init[0][frozen])
     assert sliced_opt.win_rate() == whole_opt.win_rate()
+
+
+# -- the multi-tensor path -------------------------------------------------------------------
+def _mixed_problem(seed=0):
+    """Parameters of every kind the update distinguishes, with their masks (or None)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def tensor(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    return [
+        (tensor(100, 97), None),  # sliced on CPU, slices not a multiple of the vector width
+        (tensor(37, 11), torch.rand(11, generator=gen) < 0.5),  # sliced, broadcast mask
+        (tensor(9, 13), torch.rand(1, 13, generator=gen) < 0.5),  # column mask
+        (tensor(63, 29, dtype=torch.bfloat16), None),  # sliced, fp32 remainder
+        (tensor(6, 5, dtype=torch.bfloat16), torch.rand(6, 5, generator=gen) < 0.5),
+        (tensor(7, 3, dtype=torch.float64), None),
+        (tensor(3), None),  # small tensors share a block
+        (tensor(()), None),
+        (tensor(0, 3), None),
+        (tensor(8, 6).t(), torch.rand(6, 1, generator=gen) < 0.5),  # non-contiguous: the loop
+    ]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"hessian_mode": "gnb"},
+        {"hessian_mode": "grad2", "weight_decay": 0.0},
+        {"soul_compat": True, "maximize": True},
+    ],
+    ids=["gnb", "grad2", "soul-maximize"],
+)
+def test_multi_tensor_path_is_bit_identical_to_the_reference(options):
+    problem = _mixed_problem()
+    runs = []
+    for foreach in (False, True):
+        params = [torch.nn.Parameter(t.clone()) for t, _ in problem]
+        assert not params[-1].is_contiguous()
+        opt = SophiaG(
+            [{"params": params[:5]}, {"params": params[5:], "rho": 0.5, "lr": 2e-3}],
+            lr=1e-2,
+            bs=16,
+            foreach=foreach,
+            **{"weight_decay": 0.1, **options},
+        )
+        opt.cpu_chunk_elements, opt.cpu_block_elements = 1 << 10, 1 << 11
+        for p, (_, mask) in zip(params, problem, strict=True):
+            if mask is not None:
+                opt.set_mask(p, mask)
+        rates = []
+        for step in range(12):
+            _random_run(opt, params, step + 1, start=step)
+            rates.append(opt.win_counts())
+        runs.append((params, opt, rates))
+    (loop, loop_opt, loop_rates), (multi, multi_opt, multi_rates) = runs
+    assert loop_rates == multi_rates
+    # both branches of the clipping ran
+    assert 0 < sum(u for u, _ in multi_rates) < sum(a for _, a in multi_rates)
+    for index, (a, b) in enumerate(zip(loop, multi, strict=True)):
+        assert torch.equal(a.detach(), b.detach()), index
+        assert loop_opt.state[a].keys() == multi_opt.state[b].keys()
+        for key, value in loop_opt.state[a].items():
+            assert torch.equal(value, multi_opt.state[b][key]), (index, key)
+    moved = [not torch.equal(p.detach(), t) for p, (t, _) in zip(multi, problem, strict=True)]
+    assert sum(moved) == len(problem) - 1  # all but the empty one
+
+
+def test_multi_tensor_path_packs_blocks_and_cuts_tensors_like_the_reference():
+    params = [torch.zeros(100, 97), torch.zeros(3), torch.zeros(()), torch.zeros(5, 2)]
+    rows = [(p, p, p, p, None, None, False) for p in params]
+    blocks = list(kernels._blocks(rows, chunk=1 << 10, block=1 << 11))
+    sizes = [[piece[0].numel() for piece in block] for block in blocks]
+    # 10 rows of 97 per slice (the reference's parts), two per block; the small tensors fill up
+    assert sizes == [[970, 970]] * 4 + [[970, 970, 3, 1, 10]]
+    assert [len(part(params[0])) for part in kernels._parts(params[0], 1 << 10)] == [10] * 10
+
+
+@pytest.mark.parametrize("foreach,expected", [(None, 0), (False, 0), (True, 2)])
+def test_the_multi_tensor_path_runs_on_cpu_only_when_asked(monkeypatch, foreach, expected):
+    calls = []
+    original = kernels._multi_tensor_update
+
+    def counting(rows, *args):
+        calls.append(len(rows))
+        return original(rows, *args)
+
+    monkeypatch.setattr(kernels, "_multi_tensor_update", counting)
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = SophiaG([p], foreach=foreach)
+    p.grad = torch.ones(4)
+    opt.step()
+    opt.step()
+    assert len(calls) == expected
+
+
+def test_win_rate_can_be_switched_off_without_changing_the_update():
+    runs = []
+    for track in (True, False):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(40, 3))
+        opt = SophiaG([p], lr=1e-2, bs=16, track_win_rate=track)
+        _random_run(opt, [p], 5)
+        runs.append((p.detach().clone(), opt.win_rate()))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert 0 < runs[0][1] < 1 and runs[1][1] is None
+
+
+# -- Hessian source --------------------------------------------------------------------------
+def test_the_default_hessian_source_is_the_loss_gradient_squared():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(5))
+    opt = SophiaG([p], lr=1e-2, betas=(0.9, 0.5))
+    assert opt.param_groups[0]["hessian_mode"] == "grad2"
+    p.grad = torch.randn(5)
+    opt.step()  # no update_hessian() anywhere: the step itself folds grad² in
+    torch.testing.assert_close(opt.state[p]["hessian"], 0.5 * p.grad**2, rtol=0, atol=0)
+    assert opt.win_rate() > 0
+
+    # Sophia-G's estimate, asked for explicitly: only update_hessian() changes h
+    q = torch.nn.Parameter(torch.randn(5))
+    opt = SophiaG([q], lr=1e-2, betas=(0.9, 0.5), hessian_mode="gnb")
+    q.grad = torch.randn(5)
+    opt.step()
+    assert not opt.state[q]["hessian"].any() and opt.win_rate() == 0.0  # sign steps
+    opt.update_hessian(bs=4)
+    torch.testing.assert_close(opt.state[q]["hessian"], 2 * q.grad**2, rtol=0, atol=0)
+
+
+def test_a_checkpoint_from_before_hessian_mode_loads():
+    p = torch.nn.Parameter(torch.ones(3))
+    saved = SophiaG([p], hessian_mode="gnb").state_dict()
+    for group in saved["param_groups"]:  # the keys a group had before
+        del group["hessian_mode"], group["foreach"]
+        group["auto_hessian"] = False
+    opt = SophiaG([p])
+    opt.load_state_dict(saved)
+    group = opt.param_groups[0]
+    assert group["hessian_mode"] == "gnb" and group["foreach"] is None
+    assert "auto_hessian" not in group

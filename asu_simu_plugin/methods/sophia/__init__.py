@@ -35,6 +35,6 @@ register_method(
     summary="second-order NPO (SOUL): NPO's loss optimised with SophiaG",
 )
 # the harness's optimizer registry (`trainer.optimizer.handler: SophiaG`, with patches/)
-register_component("optimizer", "SophiaG", "asu_simu_plugin.optimizers:SophiaG")
+register_component("optimizer", "SophiaG", "asu_simu_plugin.methods.sophia.optimizer:SophiaG")
 
 __all__ = ["SOGradDiffArguments", "SONPOArguments", "SophiaArguments", "SophiaMixin"]

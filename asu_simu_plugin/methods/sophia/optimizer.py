@@ -5,11 +5,15 @@ from __future__ import annotations
 import torch
 from torch.optim import Optimizer
 
-# Parameters stored in these dtypes get an fp32 rounding remainder in the state (see SophiaG).
-LOW_PRECISION_DTYPES = (torch.bfloat16, torch.float16)
+from asu_simu_plugin.methods.sophia.kernels import (
+    LOW_PRECISION_DTYPES,
+    fold_hessians,
+    sophia_update,
+)
+
 # State entries kept in their own dtype on load (torch would cast them to the parameter dtype).
 FP32_STATE_KEYS = ("exp_avg", "hessian", "residual")
-EPS = 1e-15  # added to the clipping denominator, as in the reference
+HESSIAN_MODES = ("grad2", "gnb")
 
 
 class SophiaG(Optimizer):
@@ -23,28 +27,36 @@ class SophiaG(Optimizer):
         m ← β₁ · m + (1 − β₁) · g                            momentum, no bias correction
         θ ← θ − lr · sign(m) · min(|m| / (rho · bs · h + 1e-15), 1)
 
-    ``update_hessian()`` folds the current ``.grad`` squared into ``h ← β₂ · h + (1 − β₂) · grad²``.
-    For Sophia-G call it right after back-propagating the mean cross-entropy of labels sampled from
-    the model (every k = 10 steps in the paper); ``bs`` is the number of those labels: the stored
-    EMA lacks that factor and it is applied at step time, as in the reference, unless it is given
-    to ``update_hessian(bs=...)``, which folds each batch's own factor in (then step with
-    ``bs=1``; batches of different sizes are weighted correctly). Until the first
-    Hessian estimate, h = 0 and every coordinate takes a sign step of size ``lr``.
+    The Hessian EMA ``h ← β₂ · h + (1 − β₂) · ĝ²`` needs a source, chosen by ``hessian_mode``:
+
+    - ``"grad2"`` (default; SOUL's): every ``step()`` first folds the gradient of the loss being
+      optimised, squared, into the EMA and then updates with it. Nothing else to call, so a plain
+      training loop (or any trainer given this optimizer) gets a real second-order estimate.
+    - ``"gnb"`` (Sophia-G as published): the EMA changes only through ``update_hessian()``, which
+      folds the current ``.grad`` squared in. Call it right after back-propagating the mean
+      cross-entropy of labels sampled from the model (every k = 10 steps in the paper). Until the
+      first estimate, h = 0 and every coordinate takes a sign step of size ``lr``, so choose this
+      mode only with such a pass (SOGradDiff / SONPO / SIMU with ``hessian_mode: gnb`` run it).
+
+    ``bs`` is the number of labels behind the estimate: the stored EMA lacks that factor and it is
+    applied at step time, as in the reference, unless it is given to ``update_hessian(bs=...)``,
+    which folds each batch's own factor in (then step with ``bs=1``; batches of different sizes
+    are weighted correctly).
 
     Options, all per parameter group: ``lr``, ``betas``, ``rho``, ``weight_decay``, ``bs`` (also
-    ``step(bs=...)`` for one call), ``maximize``, ``auto_hessian``, ``soul_compat``.
+    ``step(bs=...)`` for one call), ``maximize``, ``hessian_mode``, ``soul_compat``, ``foreach``.
 
-    Hessian modes:
-
-    - ``auto_hessian=False`` (default): the Hessian changes only through ``update_hessian()``.
-    - ``auto_hessian=True`` (SOUL's "grad2" mode): every ``step()`` first folds the gradient of the
-      loss being optimised, squared, into the EMA and then updates with it; no extra pass.
     - ``soul_compat=True`` reproduces OPTML-Group/SOUL ``src/optim/sophia.py`` exactly (state in
-      fp32 aside): it implies ``auto_hessian`` and folds the same gradient into the momentum twice
+      fp32 aside), with the ``grad2`` Hessian. It folds the same gradient into the momentum twice
       per step, first the raw ``.grad`` and then the (``maximize``-negated) gradient, so the
       effective momentum is ``m ← β₁² · m + (1 − β₁²) · g`` (with ``maximize``:
       ``β₁² · m − (1 − β₁)² · grad``). SOUL's ``bs`` is 5120 because the HF trainer never passes
       it, which is also the constructor default here.
+    - ``foreach``: True for the multi-tensor path (one ``torch._foreach_*`` call per operation
+      over many tensors), False for the per-parameter loop (the reference); None (default) picks
+      the multi-tensor path off CPU and the loop on CPU, where it is faster (torch's CPU foreach
+      ops loop over the tensors one by one; `benchmarks/perf_sophia.py`). Both give the same
+      values (bit-identical on CPU; see `kernels`). Non-contiguous tensors always take the loop.
 
     Precision: ``step``, ``exp_avg`` and ``hessian`` are fp32 whatever the parameter dtype, and the
     update is computed in fp32. A bf16/fp16 parameter also gets ``residual``, an fp32 tensor holding
@@ -62,14 +74,19 @@ class SophiaG(Optimizer):
     and restored with ``state_dict()``/``load_state_dict()``; a restored run continues bit-identically.
 
     ``win_rate()``: the fraction of (unmasked) coordinates updated in the last step that were not
-    clipped, ``|m| < rho · bs · h``. Sophia's authors tune ``rho`` to keep it in 0.1–0.5.
+    clipped, ``|m| < rho · bs · h``. Sophia's authors tune ``rho`` to keep it in 0.1–0.5. Counting
+    costs a comparison per coordinate; ``track_win_rate=False`` skips it (``win_rate()`` is None).
     """
 
-    # CPU parameters are updated in slices of about this many entries (see `_parts`).
+    # CPU parameters are updated in slices of about this many entries (see `kernels`), and the
+    # multi-tensor path hands blocks of up to `cpu_block_elements` entries to each foreach call
+    # (elsewhere `block_elements`, which bounds its temporaries).
+    cpu_chunk_elements = 1 << 18
+    cpu_block_elements = 1 << 18
+    block_elements = 1 << 26
     # DeepSpeed ZeRO steps one flat partition group per step() call: the caller that knows
     # where an optimizer step starts sets this and calls `reset_win_counts()` there.
     accumulate_win_counts = False
-    cpu_chunk_elements = 1 << 18
 
     def __init__(
         self,
@@ -81,8 +98,10 @@ class SophiaG(Optimizer):
         *,
         maximize: bool = False,
         bs: float = 5120,
-        auto_hessian: bool = False,
+        hessian_mode: str = "grad2",
         soul_compat: bool = False,
+        foreach: bool | None = None,
+        track_win_rate: bool = True,
     ):
         defaults = dict(
             lr=lr,
@@ -91,9 +110,11 @@ class SophiaG(Optimizer):
             weight_decay=weight_decay,
             bs=bs,
             maximize=maximize,
-            auto_hessian=auto_hessian,
+            hessian_mode=hessian_mode,
             soul_compat=soul_compat,
+            foreach=foreach,
         )
+        self.track_win_rate = bool(track_win_rate)
         super().__init__(params, defaults)
         self._init_bookkeeping()
 
@@ -104,7 +125,12 @@ class SophiaG(Optimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        for group in self.param_groups:  # groups saved before `hessian_mode` / `foreach` existed
+            auto = group.pop("auto_hessian", True)
+            group.setdefault("hessian_mode", "grad2" if auto else "gnb")
+            group.setdefault("foreach", None)
         if "_written_version" not in self.__dict__:
+            self.track_win_rate = True
             self._init_bookkeeping()
 
     def add_param_group(self, param_group: dict) -> None:
@@ -112,7 +138,6 @@ class SophiaG(Optimizer):
         _validate_options(merged, len(self.param_groups))
         param_group = dict(param_group)
         param_group["betas"] = tuple(float(b) for b in merged["betas"])
-        param_group["auto_hessian"] = bool(merged["auto_hessian"] or merged["soul_compat"])
         super().add_param_group(param_group)
 
     # -- state ---------------------------------------------------------------------------------
@@ -193,35 +218,22 @@ class SophiaG(Optimizer):
         if bs is not None and not bs > 0:
             raise ValueError(f"update_hessian(bs={bs}): bs must be > 0 (sampled label tokens)")
         for group in self.param_groups:
-            beta2 = group["betas"][1]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                _check_grad(p)
-                state = self._state_for(p)
-                mask = _aligned_mask(state.get("mask"), p)
-                for part in self._parts(p):
-                    _fold_hessian(
-                        part(state["hessian"]),
-                        _fp32(part(p.grad)),
-                        beta2,
-                        _mask_part(mask, part),
-                        scale=1.0 if bs is None else float(bs),
-                    )
+            params = _with_grad(group)
+            states = [self._state_for(p) for p in params]
+            fold_hessians(
+                params,
+                [state["hessian"] for state in states],
+                [state.get("mask") for state in states],
+                beta2=group["betas"][1],
+                scale=1.0 if bs is None else float(bs),
+                foreach=_use_foreach(group, params),
+                chunk=self.cpu_chunk_elements,
+                block=self._block_elements(params),
+            )
 
     # -- step ----------------------------------------------------------------------------------
-    def _parts(self, p: torch.Tensor):
-        """Functions taking a tensor shaped like `p` to one slice along dim 0; together they cover it.
-
-        On CPU the slices hold about `cpu_chunk_elements` entries, so the update's temporaries stay
-        cache-sized and are reused instead of freshly allocated (and page-faulted) per parameter.
-        Elsewhere one part covers the whole tensor: fewer kernel launches.
-        """
-        chunk = self.cpu_chunk_elements
-        if p.dim() == 0 or p.device.type != "cpu" or p.numel() <= chunk:
-            return [lambda t: t]
-        rows = max(1, chunk // (p.numel() // p.shape[0]))
-        return [lambda t, i=i: t[i : i + rows] for i in range(0, p.shape[0], rows)]
+    def _block_elements(self, params) -> int:
+        return self.cpu_block_elements if _on_cpu(params) else self.block_elements
 
     @torch.no_grad()
     def step(self, closure=None, bs=None):
@@ -234,31 +246,39 @@ class SophiaG(Optimizer):
             raise ValueError(f"step(bs={bs}): bs must be > 0 (tokens behind the Hessian estimate)")
         win_counts = {}
         for group in self.param_groups:
-            options = dict(group, hessian_scale=group["rho"] * (group["bs"] if bs is None else bs))
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                _check_grad(p)
-                state = self._state_for(p)
-                state["step"] += 1
-                mask = _aligned_mask(state.get("mask"), p)
-                # A low-precision parameter changed outside the optimizer (or seen for the first
-                # time) gets its stored rounding remainders checked against its current value.
-                check_residual = self._written_version.get(p) != p._version
-                counts = win_counts.setdefault(p.device, [0, 0])
-                for part in self._parts(p):
-                    unclipped, active = _update_part(
-                        part(p),
-                        part(p.grad),
-                        part(state["exp_avg"]),
-                        part(state["hessian"]),
-                        part(state["residual"]) if p.dtype in LOW_PRECISION_DTYPES else None,
-                        _mask_part(mask, part),
-                        options,
-                        check_residual,
-                    )
-                    counts[0] = unclipped + counts[0]
-                    counts[1] = active + counts[1]
+            params = _with_grad(group)
+            if not params:
+                continue
+            states = [self._state_for(p) for p in params]
+            torch._foreach_add_([state["step"] for state in states], 1)
+            # A low-precision parameter changed outside the optimizer (or seen for the first
+            # time) gets its stored rounding remainders checked against its current value.
+            checks = [self._written_version.get(p) != p._version for p in params]
+            counts = sophia_update(
+                params,
+                [p.grad for p in params],
+                [state["exp_avg"] for state in states],
+                [state["hessian"] for state in states],
+                [state.get("residual") for state in states],
+                [state.get("mask") for state in states],
+                checks,
+                lr=group["lr"],
+                beta1=group["betas"][0],
+                beta2=group["betas"][1],
+                weight_decay=group["weight_decay"],
+                hessian_scale=group["rho"] * (group["bs"] if bs is None else bs),
+                maximize=group["maximize"],
+                fold_hessian=group["hessian_mode"] == "grad2",
+                soul_compat=group["soul_compat"],
+                count_wins=self.track_win_rate,
+                foreach=_use_foreach(group, params),
+                chunk=self.cpu_chunk_elements,
+                block=self._block_elements(params),
+            )
+            for device, (unclipped, active) in counts.items():
+                total = win_counts.setdefault(device, [0, 0])
+                total[0], total[1] = unclipped + total[0], active + total[1]
+            for p in params:
                 if p.dtype in LOW_PRECISION_DTYPES:
                     self._written_version[p] = p._version
         if self.accumulate_win_counts and self._win_counts:  # one step in several calls
@@ -345,85 +365,34 @@ def _validate_options(options: dict, index: int) -> None:
         raise ValueError(f"{where}: weight_decay={decay}; it must be >= 0")
     if not bs > 0:
         raise ValueError(f"{where}: bs={bs}; it must be > 0 (tokens behind the Hessian estimate)")
+    mode = options["hessian_mode"]
+    if mode not in HESSIAN_MODES:
+        raise ValueError(
+            f"{where}: hessian_mode={mode!r}; use 'grad2' (the loss gradient squared, every step) "
+            "or 'gnb' (only what update_hessian() folds in, e.g. Sophia-G's sampled labels)"
+        )
+    if options["soul_compat"] and mode != "grad2":
+        raise ValueError(
+            f"{where}: soul_compat=True reproduces SOUL, whose Hessian is 'grad2'; drop "
+            f"hessian_mode={mode!r} or soul_compat"
+        )
+    if options["foreach"] not in (None, True, False):
+        raise ValueError(f"{where}: foreach={options['foreach']!r}; use None, True or False")
 
 
-def _check_grad(p: torch.Tensor) -> None:
-    if p.grad.is_sparse:
-        raise RuntimeError("SophiaG does not support sparse gradients")
+def _on_cpu(params) -> bool:
+    return all(p.device.type == "cpu" for p in params)
 
 
-def _fp32(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype == torch.float32 else t.float()
+def _use_foreach(group: dict, params) -> bool:
+    """The group's `foreach`; by default the multi-tensor path off CPU only, as torch.optim: on
+    CPU, foreach ops loop over the tensors in C++ without fused kernels (measured slower)."""
+    return not _on_cpu(params) if group["foreach"] is None else group["foreach"]
 
 
-def _aligned_mask(mask: torch.Tensor | None, p: torch.Tensor) -> torch.Tensor | None:
-    """The mask with leading size-1 dimensions added up to p.dim(), so it slices along dim 0."""
-    if mask is None or mask.dim() == p.dim():
-        return mask
-    return mask.reshape((1,) * (p.dim() - mask.dim()) + tuple(mask.shape))
-
-
-def _mask_part(mask: torch.Tensor | None, part) -> torch.Tensor | None:
-    if mask is None or mask.dim() == 0 or mask.shape[0] == 1:
-        return mask
-    return part(mask)
-
-
-def _fold_hessian(hessian, grad, beta2: float, mask, scale: float = 1.0) -> None:
-    value = (1 - beta2) * scale
-    if mask is None:
-        hessian.mul_(beta2).addcmul_(grad, grad, value=value)
-    else:
-        folded = hessian.mul(beta2).addcmul_(grad, grad, value=value)
-        torch.where(mask, folded, hessian, out=hessian)
-
-
-def _update_part(p, grad, exp_avg, hessian, residual, mask, options, check_residual):
-    """The Sophia update of one slice of a parameter, in place; returns (unclipped, active) counts.
-
-    Without a mask the stored tensors are updated in place; with one the update is computed on
-    copies and written back only where the mask is True.
-    """
-    beta1, beta2 = options["betas"]
-    lr, decay = options["lr"], options["weight_decay"]
-    grad = _fp32(grad)
-    if options["auto_hessian"]:
-        _fold_hessian(hessian, grad, beta2, mask)
-    if residual is not None:  # low precision: work on the exact fp32 value p + remainder
-        theta = p.float()
-        if check_residual:  # keep a remainder only where it still rounds back to p
-            residual.masked_fill_(theta.add(residual).to(p.dtype) != p, 0.0)
-        theta.add_(residual)
-    else:
-        theta = p if mask is None else p.clone()
-    momentum = exp_avg if mask is None else exp_avg.clone()
-
-    if decay != 0:
-        theta.mul_(1 - lr * decay)
-    if options["soul_compat"]:  # SOUL's update_exp_avg(): the raw gradient, once more
-        momentum.mul_(beta1).add_(grad, alpha=1 - beta1)
-    grad_sign = -1.0 if options["maximize"] else 1.0
-    momentum.mul_(beta1).add_(grad, alpha=grad_sign * (1 - beta1))
-    denominator = hessian.mul(options["hessian_scale"])
-    ratio = momentum.abs()
-    unclipped = ratio < denominator  # |m| < rho·bs·h
-    ratio.div_(denominator.add_(EPS)).clamp_(max=1).copysign_(momentum)
-    theta.add_(ratio, alpha=-lr)  # θ − lr·sign(m)·min(|m| / (rho·bs·h + ε), 1)
-
-    if mask is None:
-        active = theta.numel()
-    else:
-        unclipped.logical_and_(mask)
-        active = torch.count_nonzero(mask) * (theta.numel() // mask.numel())
-        torch.where(mask, momentum, exp_avg, out=exp_avg)
-        if residual is None:
-            torch.where(mask, theta, p, out=p)
-    if residual is not None:
-        if mask is None:
-            p.copy_(theta)
-            torch.sub(theta, p, out=residual)
-        else:
-            rounded = theta.to(p.dtype)
-            torch.where(mask, theta.sub_(rounded), residual, out=residual)
-            torch.where(mask, rounded, p, out=p)
-    return torch.count_nonzero(unclipped), active
+def _with_grad(group: dict) -> list:
+    params = [p for p in group["params"] if p.grad is not None]
+    for p in params:
+        if p.grad.is_sparse:
+            raise RuntimeError("SophiaG does not support sparse gradients")
+    return params

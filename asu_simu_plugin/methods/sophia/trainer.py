@@ -19,11 +19,14 @@ package's `__init__`), and SIMU (which adds neuron masks on top).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers import TrainerCallback
 
 from asu_simu_plugin import zero
 from asu_simu_plugin.arch import is_no_decay_parameter, unwrap_model
+from asu_simu_plugin.guards import NonFiniteTrainingError, nonfinite_gradients
 from asu_simu_plugin.losses import IGNORE_INDEX
 from asu_simu_plugin.methods.base import model_inputs
 from asu_simu_plugin.methods.sophia.optimizer import SophiaG
@@ -112,16 +115,16 @@ class SophiaMixin:
                 "method_args), or use trainer=GradDiff / NPO for a first-order optimizer"
             )
         kwargs = dict(kwargs)
-        unknown = set(kwargs) - {*options, "hessian_source", "auto_hessian"}
+        unknown = set(kwargs) - {*options, "hessian_mode"}
         if unknown:
             raise ValueError(
                 f"trainer.optimizer.args {sorted(unknown)} are not SophiaG options for "
                 f"{type(self).__name__}; use lr, betas, rho, weight_decay, bs"
             )
-        if kwargs.pop("auto_hessian", None) is not None or kwargs.pop("hessian_source", None):
+        if "hessian_mode" in kwargs:
             raise ValueError(
                 f"{type(self).__name__} chooses the Hessian source with method_args.hessian_mode "
-                "(gnb | grad2); drop hessian_source / auto_hessian from trainer.optimizer.args"
+                "(gnb | grad2); drop hessian_mode from trainer.optimizer.args"
             )
         options.update(kwargs)
         if "weight_decay" in kwargs:
@@ -152,7 +155,7 @@ class SophiaMixin:
             [g for g in groups if g["params"]],
             **options,
             bs=bs,
-            auto_hessian=self.hessian_mode == "grad2",
+            hessian_mode=self.hessian_mode,
             soul_compat=self.soul_compat,
         )
         if zero.zero_stage(self) == 0:
@@ -194,7 +197,10 @@ class SophiaMixin:
             return logits.sum() * 0.0  # still a backward, so that every rank reduces
         chosen = logits[positions].float()
         with torch.no_grad():
-            sampled = self.sample_labels(chosen)
+            if bool(torch.isfinite(chosen).all()):
+                sampled = self.sample_labels(chosen)
+            else:  # the loss is non-finite whatever the labels; any keep the ranks in step
+                sampled = torch.zeros(len(chosen), dtype=torch.long, device=chosen.device)
         return torch.nn.functional.cross_entropy(chosen, sampled, reduction="sum")
 
     @staticmethod
@@ -231,18 +237,43 @@ class SophiaMixin:
             sync = getattr(model, "require_backward_grad_sync", None)
             if sync is False:
                 model.require_backward_grad_sync = True
+            losses = []
             try:
                 for part in parts:  # plain backward: accelerate's would divide by accumulation
-                    (self._sampled_label_loss(model, part) * scale).backward()
+                    loss = self._sampled_label_loss(model, part) * scale
+                    loss.backward()
+                    losses.append(loss.detach())
+                self.stop_if_nonfinite_hessian_pass(losses, unwrap_model(model))
+                if self.args.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm)
+                self._fold_hessian(tokens)
             finally:
                 if sync is False:
                     model.require_backward_grad_sync = sync
-            if self.args.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm)
-            self._fold_hessian(tokens)
-            for p, grad in zip(params, stashed, strict=True):
-                p.grad = grad
+                for p, grad in zip(params, stashed, strict=True):
+                    p.grad = grad
         self._hessian_updates += 1
+
+    def stop_if_nonfinite_hessian_pass(self, losses, model) -> None:
+        """Raise `NonFiniteTrainingError` naming the step when the Hessian pass's loss or
+        gradients are non-finite, before anything is folded into the Hessian EMA (every rank
+        takes the same decision). `model`: the unwrapped model holding the pass's gradients."""
+        loss = float(torch.stack(losses).sum()) if losses else 0.0
+        bad = [] if not math.isfinite(loss) else nonfinite_gradients(model)
+        if not self._any_rank(not math.isfinite(loss) or bool(bad)):
+            return
+        if not math.isfinite(loss):
+            what = f"the sampled-label loss of the Hessian pass is {loss}"
+        elif bad:
+            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+            what = f"the Hessian pass's gradients of {', '.join(bad[:3])}{more} are non-finite"
+        else:
+            what = "the Hessian pass is non-finite on another process"
+        raise NonFiniteTrainingError(
+            self._message(
+                f"{what} (the Hessian estimate was left unchanged)", step=self.state.global_step
+            )
+        )
 
     def _answer_tokens(self, parts) -> int:
         """B: the answer tokens (label positions) of the batch, summed over the ranks."""
