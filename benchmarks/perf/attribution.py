@@ -2,7 +2,7 @@
 paper's definition) against whole-sequence integrated gradients (m = 4, the previous default
 as benchmarked), on the same model and forget rows, in one process.
 
-    python benchmarks/perf/attribution.py [--model DIR] [--data FOLDER] [--rows 16]
+    python -m benchmarks.perf.attribution [--model DIR] [--data FOLDER] [--rows 16]
         [--batch-size 8] [--repeats 3] [--layers 0,15,29] [--threads N]
 
 The variants alternate within each repeat (and swap order between repeats) so machine noise
@@ -12,7 +12,7 @@ base or target model built by benchmarks/tofu_mini/run.py); without it, SmolLM2-
 with random weights and the toy tokenizer (cost does not depend on the weights). `--data` is a
 folder holding locuslab/TOFU/ (forget01 rows); without it, the toy authors' facts.
 
-`attribution_rows(...)` returns the same comparison as a dict for benchmarks/perf/perf.py.
+`attribution_rows(...)` returns the same comparison as a dict for `benchmarks.perf.perf`.
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ VARIANTS = {"sequence, m = 4": ("sequence", 4), "per_token, m = 5": ("per_token"
 
 
 def _smollm2_shape_model():
-    from perf import SMOLLM2_135M  # the one copy of the shape (this folder is the script's path)
     from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from benchmarks.perf.perf import SMOLLM2_135M  # the one copy of the shape
 
     config = LlamaConfig(**SMOLLM2_135M)
     torch.manual_seed(0)

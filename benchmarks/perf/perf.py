@@ -1,7 +1,8 @@
 """Cost of ASU, SO-GradDiff, SONPO and SIMU against GradDiff, each in its shipped configuration.
 
-    python benchmarks/perf/perf.py [--model DIR] [--batch-size 4] [--rounds 2] [--run-steps 10]
-        [--warmup 1] [--simu-ig-steps 5] [--forget-size 8] [--distributed] [--out benchmarks/results]
+    python -m benchmarks.perf.perf [--model DIR] [--batch-size 4] [--rounds 2] [--run-steps 10]
+        [--warmup 1] [--simu-ig-steps 5] [--forget-size 8] [--distributed] [--only ROW ...]
+        [--out benchmarks/results] [--name perf]
 
 Every row trains the same model from the same weights on the same batches (the standalone
 trainers; the harness's GradDiff computes the same losses) with the method arguments, learning
@@ -27,26 +28,23 @@ training epoch on it.
 
 The default model is SmolLM2-135M's architecture built from its config (random weights: cost
 does not depend on them), so nothing is downloaded; --model DIR times a saved model instead.
-Writes <out>/perf.md and perf.json.
+Writes <out>/<name>.md and <name>.json (run from the repository root).
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime as dt
-import gc
 import json
-import os
 import statistics
+import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, TrainerCallback
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from asu_simu_plugin import lora, toy
 from asu_simu_plugin.data import PadCollator, QADataset, load_qa_jsonl
@@ -54,6 +52,9 @@ from asu_simu_plugin.diagnostics import machine_info
 from asu_simu_plugin.methods.simu import attribution as neurons
 from asu_simu_plugin.methods.simu.masks import save_masks
 from asu_simu_plugin.runner import RunSettings, build_trainer
+from benchmarks.perf.distributed import distributed_rows, worker
+from benchmarks.perf.measure import PeakMemory, StepTimer, mib, summary
+from benchmarks.perf.report import markdown
 
 # SmolLM2-135M (HuggingFaceTB/SmolLM2-135M-Instruct config.json)
 SMOLLM2_135M = dict(
@@ -88,8 +89,14 @@ RUNS = {
     "SOGradDiff (gnb)": ("sograddiff", "SOGradDiff", {"hessian_mode": "gnb"}),
     "SONPO": ("sonpo", "SONPO", {}),
     "SIMU": ("simu", "SIMU", {}),
-    # the teacher-output cache: step 1 (untimed warm-up) fills it, later steps only read it
+    # the teacher-output cache, filled from the student at train() start (no frozen copy)
     "ASU_GD + cache": ("asu", "ASU", {"retain_loss_type": "NLL", "teacher_cache": True}),
+    # ASU_KL without a copy: the teacher cache and the KL reference cache
+    "ASU_KL + caches": (
+        "asu",
+        "ASU",
+        {"retain_loss_type": "KL", "teacher_cache": True, "reference_cache": True},
+    ),
     # `lora`: the run's model is wrapped in LoRA adapters (the LoRACausalLM defaults)
     "GradDiff (NLL) + LoRA": ("graddiff", None, {"retain_loss_type": "NLL", "lora": True}),
     "ASU_GD + LoRA": ("asu", "ASU", {"retain_loss_type": "NLL", "lora": True}),
@@ -102,21 +109,15 @@ COMPARISONS = [
     ("SONPO", "GradDiff (NLL)"),
     ("SIMU", "GradDiff (NLL)"),
     ("ASU_GD + cache", "GradDiff (NLL)"),
+    ("ASU_KL + caches", "GradDiff (NLL)"),
+    ("ASU_KL + caches", "GradDiff (KL)"),
     ("GradDiff (NLL) + LoRA", "GradDiff (NLL)"),
     ("ASU_GD + LoRA", "ASU_GD"),
 ]
-# 2-process rows (--distributed): name: (launcher, RUNS entry)
-DISTRIBUTED_RUNS = {
-    "GradDiff (NLL), DDP ×2": ("ddp", "GradDiff (NLL)"),
-    "SOGradDiff, DDP ×2": ("ddp", "SOGradDiff"),
-    "GradDiff (NLL), ZeRO-2 ×2": ("zero2", "GradDiff (NLL)"),
-    "SOGradDiff, ZeRO-2 ×2": ("zero2", "SOGradDiff"),
-}
 # --asu-temperature: every ASU row runs that tau on all layers instead of the shipped "auto",
 # without the collapse guard (the tau sweep and the guard's sampled answers at trainer start
 # dominate a short benchmark run; a step costs the same).
 ASU_FIXED: dict = {}
-ZERO2_CONFIG = Path(__file__).resolve().parents[2] / "tests" / "distributed" / "zero2.yaml"
 
 
 def shipped_configuration(name: str) -> tuple[str, dict, dict]:
@@ -170,78 +171,8 @@ def parse_args(argv=None):
         help="ASU rows: this tau on all layers (default: the shipped config, tau sweep included)",
     )
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "results")
+    p.add_argument("--name", default="perf", help="file stem of the results (<name>.md, .json)")
     return p.parse_args(argv)
-
-
-class PeakMemory:
-    """Peak memory over a block: CUDA allocator peak, or sampled RSS above the starting level."""
-
-    def __init__(self, device):
-        self.device = device
-        self.peak_bytes = 0
-
-    @staticmethod
-    def rss():
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def __enter__(self):
-        release_memory()
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            self.start = torch.cuda.memory_allocated()
-            return self
-        self.start = self.rss()
-        self.highest = self.start
-        self.running = True
-
-        def sample():
-            while self.running:
-                self.highest = max(self.highest, self.rss())
-                time.sleep(0.002)
-
-        self.thread = threading.Thread(target=sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            self.peak_bytes = torch.cuda.max_memory_allocated() - self.start
-        else:
-            self.running = False
-            self.thread.join()
-            self.peak_bytes = max(self.highest, self.rss()) - self.start
-        return False
-
-
-def release_memory():
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    try:  # glibc keeps freed blocks; hand them back so the next RSS baseline is honest
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
-class StepTimer(TrainerCallback):
-    """Wall time of each optimizer step (all micro-batches, backward and optimizer update)."""
-
-    def __init__(self, device):
-        self.device = device
-        self.times = []
-
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._sync()
-        self.started = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self._sync()
-        self.times.append(time.perf_counter() - self.started)
 
 
 def load_model_and_tokenizer(args):
@@ -302,12 +233,27 @@ def time_run(name, model, initial_state, tokenizer, forget, retain, args, workdi
         )
         trainer.add_callback(timer)
         passes = time_hessian_passes(trainer, timer)
+        fill = time_cache_fill(trainer)
         trainer.train()
     if use_lora:  # the adapters out again: the next run starts from the plain model
         trainer.model.unload()
         model.disable_input_require_grads()
     del trainer
-    return {"steps": timer.times[args.warmup :], "passes": passes, "peak_mib": mib(memory)}
+    return {
+        "steps": timer.times[args.warmup :],
+        "passes": passes,
+        "peak_mib": mib(memory),
+        "fill_seconds": fill,
+    }
+
+
+def time_cache_fill(trainer) -> float | None:
+    """Seconds of ASU's cache fill, done here as `train()` would do it first thing."""
+    if not getattr(trainer, "caches", lambda: [])():
+        return None
+    start = time.perf_counter()
+    trainer.ensure_caches()
+    return time.perf_counter() - start
 
 
 def time_hessian_passes(trainer, timer) -> list[float]:
@@ -328,21 +274,9 @@ def time_hessian_passes(trainer, timer) -> list[float]:
     return passes
 
 
-def summary(times: list[float]) -> dict:
-    quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    return {
-        "step_seconds": statistics.median(times),
-        "mean_seconds": statistics.mean(times),
-        "min_seconds": min(times),
-        "max_seconds": max(times),
-        "iqr_seconds": [quartiles[0], quartiles[2]],
-        "timed_steps": len(times),
-    }
-
-
 def interleaved(names, model, initial_state, tokenizer, forget, retain, args, workdir, extra):
     """Every row, --rounds times, in an order rotated each round; step times pooled per row."""
-    pooled = {name: {"steps": [], "passes": [], "peak_mib": 0.0} for name in names}
+    pooled = {name: {"steps": [], "passes": [], "fills": [], "peak_mib": 0.0} for name in names}
     for round_index in range(args.rounds):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
@@ -359,6 +293,7 @@ def interleaved(names, model, initial_state, tokenizer, forget, retain, args, wo
             )
             pooled[name]["steps"] += run["steps"]
             pooled[name]["passes"] += run["passes"]
+            pooled[name]["fills"] += [run["fill_seconds"]] if run["fill_seconds"] else []
             pooled[name]["peak_mib"] = max(pooled[name]["peak_mib"], run["peak_mib"])
             print(
                 f"round {round_index + 1}/{args.rounds}  {name:18s} "
@@ -373,6 +308,8 @@ def interleaved(names, model, initial_state, tokenizer, forget, retain, args, wo
             "peak_mib": run["peak_mib"],
             "configuration": {**method_args, **train_args},
         }
+        if run["fills"]:
+            row["fill_seconds"] = statistics.median(run["fills"])
         if run["passes"]:
             interval = int(method_args["hessian_interval"])
             row["hessian_pass_seconds"] = statistics.median(run["passes"])
@@ -437,240 +374,10 @@ def simu_epoch(model, initial_state, tokenizer, forget, retain, args, workdir, m
     return {"seconds": seconds, "peak_mib": mib(memory)}
 
 
-def distributed_rows(args, workdir) -> dict:
-    """Per-step time of 2-process runs (each process half the batch), launched as workers."""
-    import importlib.util
-    import subprocess
-    import sys
-
-    rows = {}
-    for name, (launcher, row) in DISTRIBUTED_RUNS.items():
-        if launcher == "zero2" and importlib.util.find_spec("deepspeed") is None:
-            print(f"{name}: skipped (deepspeed is not importable here)")
-            continue
-        out = workdir / f"worker-{len(rows)}.json"
-        spec = json.dumps({"row": row, "out": str(out), "argv": _worker_argv(args)})
-        script = [str(Path(__file__).resolve()), "--worker", spec]
-        port = str(_free_port())
-        if launcher == "ddp":
-            command = [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nproc_per_node=2",
-                f"--master_port={port}",
-                *script,
-            ]
-        else:
-            command = [
-                sys.executable,
-                "-m",
-                "accelerate.commands.launch",
-                "--config_file",
-                str(_absolute_config(ZERO2_CONFIG, workdir)),
-                "--main_process_port",
-                port,
-                *script,
-            ]
-        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, torch.get_num_threads() // 2))}
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"{name} failed:\n{done.stderr[-4000:]}")
-        rows[name] = {**json.loads(out.read_text()), "launcher": launcher, "single": row}
-        print(f"{name:28s} {rows[name]['step_seconds']:8.3f} s/step")
-    return rows
-
-
-def _worker_argv(args) -> list[str]:
-    argv = [
-        "--batch-size",
-        str(max(1, args.batch_size // 2)),
-        "--run-steps",
-        str(args.rounds * args.run_steps),
-        "--warmup",
-        str(args.warmup),
-        "--forget-size",
-        str(args.forget_size),
-    ]
-    if args.model:
-        argv += ["--model", str(args.model)]
-    if args.data:
-        argv += ["--data", str(args.data)]
-    return argv
-
-
-def _absolute_config(config: Path, workdir: Path) -> Path:
-    """The accelerate config with its DeepSpeed JSON path made absolute (it is relative to the
-    repository root)."""
-    json_name = config.with_suffix(".json").name
-    text = config.read_text().replace(
-        f"tests/distributed/{json_name}", str(config.parent / json_name)
-    )
-    copy = workdir / config.name
-    copy.write_text(text)
-    return copy
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def worker(spec: dict) -> None:
-    """One process of a 2-process row: time its steps; rank 0 writes the summary."""
-    args = parse_args(spec["argv"])
-    transformers.logging.set_verbosity_error()
-    model, tokenizer, _ = load_model_and_tokenizer(args)
-    forget, retain = qa_rows(args.forget_size, args.data)
-    timer = StepTimer(torch.device("cpu"))
-    name = spec["row"]
-    method, method_args, _ = shipped_configuration(name)
-    steps = run_steps(name, args)
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = build_trainer(
-            method,
-            model,
-            tokenizer,
-            forget,
-            retain,
-            Path(tmp),
-            method_args,
-            settings_for(
-                name,
-                args,
-                steps,
-                ddp_backend="gloo" if not torch.cuda.is_available() else None,
-                # True would make transformers skip DeepSpeed (which finds the CPU itself)
-                use_cpu=not torch.cuda.is_available()
-                and os.environ.get("ACCELERATE_USE_DEEPSPEED") != "true",
-            ),
-        )
-        trainer.add_callback(timer)
-        trainer.train()
-        rank = trainer.args.process_index
-        del trainer
-    from asu_simu_plugin.guards import close_distributed
-
-    close_distributed()
-    if rank == 0:
-        times = timer.times[args.warmup :]
-        Path(spec["out"]).write_text(json.dumps({**summary(times), "steps": times}))
-
-
-def mib(memory):
-    return round(memory.peak_bytes / 2**20, 1)
-
-
-def spread(row) -> str:
-    low, high = row["iqr_seconds"]
-    return f"{row['min_seconds']:.2f}–{row['max_seconds']:.2f} (IQR {low:.2f}–{high:.2f})"
-
-
-def markdown(result):
-    m, s = result["machine"], result["settings"]
-    steps, simu = result["per_step"], result.get("simu")
-    lines = [
-        "# Cost per training step: ASU, SO-GradDiff, SONPO, SIMU vs GradDiff",
-        "",
-        f"Generated by `benchmarks/perf/perf.py` on {result['date'][:10]}: {m['cpu']}, "
-        f"{m['cpu_cores']} cores ({m['torch_threads']} torch threads), device {m['device']}"
-        + (f" ({m['gpu']})" if m.get("gpu") else "")
-        + "; "
-        f"torch {result['versions']['torch']}, transformers {result['versions']['transformers']}."
-        f" Model: {s['model']} ({s['parameters'] / 1e6:.1f}M parameters, fp32). Batch: "
-        f"{s['batch_size']} forget + {s['batch_size']} retain rows "
-        f"of {s['data']} ({s['tokens_per_row']:.0f} tokens a row on average). Every method runs "
-        "its shipped `configs/trainer/*.yaml` (SOGradDiff, SONPO and SIMU: grad2 Hessian, betas "
-        "0.9/0.95); the methods were interleaved, "
-        f"{s['rounds']} rounds × {s['run_steps']} steps each from the same weights (GNB: "
-        f"{s['gnb_run_steps']}), the first {s['warmup']} of every run untimed. "
-        f"Memory: {m['memory']}.",
-        "",
-        "| method | median s / step | spread (s) | timed steps | peak MiB | vs | time ratio | "
-        "memory ratio |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for method, baseline in COMPARISONS:
-        if method not in steps or baseline not in steps:
-            continue
-        a, b = steps[method], steps[baseline]
-        lines.append(
-            f"| {method} | {a['step_seconds']:.3f} | {spread(a)} | {a['timed_steps']} | "
-            f"{a['peak_mib']:.0f} | {baseline} ({b['step_seconds']:.3f} s, "
-            f"{b['peak_mib']:.0f} MiB) | **{a['step_seconds'] / b['step_seconds']:.2f}×** | "
-            f"{a['peak_mib'] / b['peak_mib']:.2f}× |"
-        )
-    with_lora, full = steps.get("ASU_GD + LoRA"), steps.get("ASU_GD")
-    if with_lora and full:
-        weights = s["parameters"] * 4 / 2**20  # fp32, held before every run
-        total_lora, total_full = with_lora["peak_mib"] + weights, full["peak_mib"] + weights
-        lines += [
-            "",
-            f"Counting the model weights held before each run ({weights:.0f} MiB, outside the "
-            f"peak column): ASU_GD + LoRA peaks at {total_lora:.0f} MiB, ASU_GD at "
-            f"{total_full:.0f} MiB = **{total_lora / total_full:.2f}×** (LoRA: one set of "
-            "weights for student, teacher and reference; gradients and optimizer state for the "
-            "adapters only).",
-        ]
-    gnb = steps.get("SOGradDiff (gnb)")
-    if gnb and "hessian_pass_seconds" in gnb:
-        base = steps["GradDiff (NLL)"]["step_seconds"]
-        lines += [
-            "",
-            f"Sophia-G's sampled-label Hessian pass alone: {gnb['hessian_pass_seconds']:.3f} s "
-            f"(median of {len(gnb['hessian_passes'])}; its steps include it), "
-            f"{gnb['hessian_pass_seconds'] / gnb['step_seconds']:.2f}× a GNB training step; every "
-            f"{gnb['hessian_interval']} steps, so the amortised GNB step is "
-            f"{gnb['amortised_seconds']:.3f} s = **{gnb['amortised_seconds'] / base:.2f}×** "
-            "GradDiff (NLL).",
-        ]
-    distributed = result.get("distributed") or {}
-    if distributed:
-        lines += [
-            "",
-            "Two processes (each with half the batch and half the threads; DDP over gloo, "
-            "DeepSpeed ZeRO-2 through accelerate, fp32), per optimizer step:",
-            "",
-            "| run | median s / step | spread (s) | timed steps | vs one process |",
-            "|---|---|---|---|---|",
-        ]
-        for name, row in distributed.items():
-            single = steps.get(row["single"])
-            versus = (
-                f"{row['step_seconds'] / single['step_seconds']:.2f}× ({single['step_seconds']:.3f} s)"
-                if single
-                else "—"
-            )
-            lines.append(
-                f"| {name} | {row['step_seconds']:.3f} | {spread(row)} | {row['timed_steps']} | "
-                f"{versus} |"
-            )
-    if simu:
-        att, epoch = simu["attribution"], simu["epoch"]
-        lines += [
-            "",
-            f"SIMU attribution ({s['simu_ig_steps']} integrated-gradients steps, "
-            f"{s['forget_size']} forget rows, every decoder layer): {att['seconds']:.1f} s, peak "
-            f"{att['peak_mib']:.0f} MiB; one SIMU training epoch on the same rows: "
-            f"{epoch['seconds']:.1f} s, peak {epoch['peak_mib']:.0f} MiB → attribution = "
-            f"**{att['seconds'] / epoch['seconds']:.1f} epochs**. Per-answer-token attribution "
-            "(the default): per (layer l, step), every answer position is a single-token query "
-            "over the observed prefix's cached keys/values from layer l up (layers below l "
-            "replay the observed pass), so it grows with answer tokens × layers × steps (the "
-            "shipped and paper setting is 5 steps) and not with the number of training epochs; it "
-            "runs once, and `mask_path` reuses its masks.",
-        ]
-    lines.append("")
-    return "\n".join(lines)
-
-
 def main(argv=None):
     args = parse_args(argv)
     if args.worker:
-        return worker(json.loads(args.worker))
+        return worker(json.loads(args.worker))  # benchmarks.perf.distributed
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.asu_temperature is not None:
@@ -706,8 +413,10 @@ def main(argv=None):
         )
         distributed = distributed_rows(args, workdir) if args.distributed else {}
     gnb_names = [n for n in names if shipped_configuration(n)[1].get("hessian_mode") == "gnb"]
+    given = sys.argv[1:] if argv is None else list(argv)
     result = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": " ".join(["python -m benchmarks.perf.perf", *given]),
         "machine": {
             **machine_info(),
             "device": device.type,
@@ -728,6 +437,7 @@ def main(argv=None):
             "warmup": args.warmup,
             "forget_size": args.forget_size,
             "simu_ig_steps": args.simu_ig_steps,
+            "asu_temperature": args.asu_temperature,
         },
         "per_step": per_step,
         "ratios": {
@@ -735,13 +445,18 @@ def main(argv=None):
             for a, b in COMPARISONS
             if a in per_step and b in per_step
         },
+        "memory_ratios": {
+            f"{a} / {b}": per_step[a]["peak_mib"] / per_step[b]["peak_mib"]
+            for a, b in COMPARISONS
+            if a in per_step and b in per_step
+        },
         "distributed": distributed,
         "simu": simu,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "perf.json").write_text(json.dumps(result, indent=2) + "\n")
-    text = markdown(result)
-    (args.out / "perf.md").write_text(text)
+    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    text = markdown(result, COMPARISONS)
+    (args.out / f"{args.name}.md").write_text(text)
     print(text)
 
 

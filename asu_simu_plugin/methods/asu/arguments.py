@@ -57,7 +57,11 @@ class ASUArguments(GradDiffArguments):
         default=False, metadata=_help("compute the teacher's outputs once, reuse every epoch")
     )
     teacher_cache_dtype: str = field(
-        default="float16", metadata=_help("teacher cache storage: float16 | bfloat16 | float32")
+        default="float16", metadata=_help("storage of the caches: float16 | bfloat16 | float32")
+    )
+    reference_cache: bool = field(
+        default=False,
+        metadata=_help("retain_loss_type KL: the original's retain outputs computed once, cached"),
     )
     module_regex: str | None = field(
         default=None, metadata=_help("RMU key of the harness's WMDP experiment (unused)")
@@ -102,6 +106,14 @@ class ASUArguments(GradDiffArguments):
                 "distributions, which only the KL "
                 f"forget loss uses; set teacher_cache=false with forget_loss_type="
                 f"{self.forget_loss_type}"
+            )
+        check_bool("reference_cache", self.reference_cache)
+        if self.reference_cache and self.retain_loss_type != "KL":
+            raise MethodArgumentError(
+                "reference_cache needs retain_loss_type KL: it stores the original model's "
+                "distributions at the retain answer tokens, which only KL reads (KL_ALL reads "
+                f"every position); set reference_cache=false with retain_loss_type="
+                f"{self.retain_loss_type}"
             )
         # The settings dataclasses of the sweep and the guard, and the cache's storage types,
         # are checked by the modules that own them.

@@ -5,26 +5,36 @@ The student (the model being trained, always at τ = 1) is distilled on forget d
 τ > 1 on the selected layers. Smoothed attention blurs the lexical associations that let the
 model recall a fact, so matching it removes the fact while keeping the output fluent.
 
-One frozen copy of the original does both jobs: tempered on forget batches, paused (exactly the
-original) for the KL / embedding retain losses. On a LoRA model there is no copy at all: the
-teacher is the student's own base weights with the adapters disabled, the temperature attached
-only for the duration of the teacher's forward.
+Where the original model comes from (`teacher_source`):
+
+- "student": with `teacher_cache` (and, for the KL retain loss, `reference_cache`) nothing reads
+  the original after the caches are filled, and before its first update the student *is* the
+  original: the caches are filled from the student itself (temperature attached for the
+  duration, eval mode, no grad) and no copy is ever built.
+- "adapters": on a LoRA model the original is the student's own base weights with the adapters
+  disabled, the temperature attached only for the duration of the teacher's forward.
+- "copy": otherwise one frozen copy of the original does both jobs: tempered on forget batches,
+  paused (exactly the original) for the KL / embedding retain losses.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
+from transformers import TrainerCallback
 
-from asu_simu_plugin import losses
+from asu_simu_plugin import losses, zero
 from asu_simu_plugin.arch import decoder_layers, resolve_layer_ids, unwrap_model
 from asu_simu_plugin.attention import attention_temperature
 from asu_simu_plugin.lora import is_lora_model, plain_model
 from asu_simu_plugin.methods.asu import collapse
 from asu_simu_plugin.methods.asu import temperature as auto
-from asu_simu_plugin.methods.asu.teacher_cache import TeacherCache
+from asu_simu_plugin.methods.asu.teacher_cache import TeacherCache, cached_kl_loss
 from asu_simu_plugin.methods.base import UnlearnMethodMixin, freeze_all_but, model_inputs
+
+logger = logging.getLogger(__name__)
 
 
 def _capture_layer_output(model, layer_id: int, inputs: dict) -> torch.Tensor:
@@ -40,6 +50,24 @@ def _capture_layer_output(model, layer_id: int, inputs: dict) -> torch.Tensor:
     finally:
         handle.remove()
     return captured[0]
+
+
+class _FirstUpdate(TrainerCallback):
+    """Marks the student as updated once an optimizer step is done: from then on it is no
+    longer the original model the caches may be filled from."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer.student_updated = True
+
+
+def _retain_rows(dataset) -> list[int] | None:
+    """The retain rows a training run can draw: our standalone dataset pairs each forget row with
+    a fixed retain row (`retain_index`); the harness's draws any (None: all of them)."""
+    index = getattr(dataset, "retain_index", None)
+    return None if index is None else sorted({int(i) for i in index})
 
 
 class ASUMixin(UnlearnMethodMixin):
@@ -65,6 +93,8 @@ class ASUMixin(UnlearnMethodMixin):
         RMU); None trains everything. The WMDP variant trains mlp.down_proj of 5-7.
       teacher_cache / teacher_cache_dtype: compute the teacher's answer-position distributions
         once and reuse them every epoch (`teacher_cache`).
+      reference_cache: the same for the original's distributions on the retain answer tokens
+        (the KL retain loss's reference); with both caches no frozen copy is built.
       module_regex, steering_coeff: RMU keys that the harness's WMDP experiment sets; ASU's
         control signal is the smoothed teacher, so they are accepted and unused.
     """
@@ -93,45 +123,112 @@ class ASUMixin(UnlearnMethodMixin):
         if settings.uses_embeddings:
             resolve_layer_ids([settings.embed_layer], len(decoder_layers(plain_model(self.model))))
         self.embed_layer = int(settings.embed_layer)
+        self.student_updated = False
+        self.add_callback(_FirstUpdate(self))
+        # The teacher shares the student's modules unless it is the copy: tempered only inside
+        # `teacher()`.
+        self.teacher_temperature = None
+        self.layers = resolve_layer_ids(layers, len(decoder_layers(plain_model(self.model))))
         if is_lora_model(self.model):
-            # The teacher shares the student's modules: tempered only inside `teacher()`.
-            self.teacher_temperature = None
+            self.teacher_source = "adapters"
             self.original_model()  # a `FrozenReference`: the adapters switched off, no copy
-            self.layers = resolve_layer_ids(layers, len(decoder_layers(plain_model(self.model))))
+        elif self.frozen_copy_reasons():
+            self.use_frozen_copy("; ".join(self.frozen_copy_reasons()))
         else:
-            # The teacher: the single frozen copy of the original, tempered from now on.
-            self.teacher_temperature = attention_temperature(
-                unwrap_model(self.original_model()), self.temperature, layers
-            )
-            self.layers = self.teacher_temperature.layers
+            self.teacher_source = "student"
+            logger.info("ASU: no frozen copy; the caches are filled from the model before training")
         if settings.trainable_params_regex:
             freeze_all_but(self.model, settings.trainable_params_regex)
+        dtype = settings.teacher_cache_dtype
         self.teacher_cache = (
-            TeacherCache(self.teacher_fingerprint(), settings.teacher_cache_dtype)
-            if settings.teacher_cache
+            TeacherCache(self.teacher_fingerprint(), dtype) if settings.teacher_cache else None
+        )
+        self.reference_cache = (
+            TeacherCache(None, dtype, kind="retain", option="reference_cache")
+            if settings.reference_cache
             else None
         )
+        for cache in self.caches():
+            # a ZeRO-3 forward gathers weights from every rank: misses are run by all of them
+            cache.collective = zero.zero_stage(self) == 3
 
-    # -- the frozen original in its two roles ---------------------------------------------------
+    # -- where the original model comes from ---------------------------------------------------
+    def frozen_copy_reasons(self) -> list[str]:
+        """Why this run needs a frozen copy of the original model (empty: it needs none)."""
+        settings, data = self.method_args, self.train_dataset
+        reasons = []
+        if not settings.teacher_cache:
+            reasons.append("teacher_cache=false: the teacher runs at every step")
+        elif getattr(data, "forget", None) is None:
+            reasons.append("the training dataset has no `forget` set to fill the teacher cache")
+        kind = settings.retain_loss_type
+        if kind == "EMBED_MSE":
+            reasons.append("retain_loss_type=EMBED_MSE reads the original at every step")
+        elif kind in ("KL", "KL_ALL") and not settings.reference_cache:
+            reasons.append(f"retain_loss_type={kind} without reference_cache")
+        elif settings.reference_cache and getattr(data, "retain", None) is None:
+            reasons.append("the training dataset has no `retain` set to fill the reference cache")
+        return reasons
+
+    def _prepare_ref_model(self, model):
+        # The base builds the KL reference in its constructor; not when the caches replace it.
+        if getattr(self, "teacher_source", None) != "copy" and not is_lora_model(model):
+            if not self.frozen_copy_reasons():
+                return None
+        return super()._prepare_ref_model(model)
+
+    def use_frozen_copy(self, reason: str) -> None:
+        """Build the frozen copy of the model (as it is now) and make it the tempered teacher."""
+        logger.info("ASU keeps a frozen copy of the model: %s", reason)
+        self.teacher_source = "copy"
+        self.teacher_temperature = attention_temperature(
+            unwrap_model(self.original_model()), self.temperature, self.layers
+        )
+
+    @contextlib.contextmanager
+    def student_as_original(self):
+        """The student as the original model: before its first update, eval mode, no grad."""
+        if self.student_updated:
+            raise RuntimeError(
+                "ASU fills its caches from the model before its first update, and this model "
+                "has been updated (were τ or the layers changed after training started?); build "
+                "the trainer again from the original model"
+            )
+        model = unwrap_model(self.model)
+        modes = [(module, module.training) for module in model.modules()]
+        model.eval()
+        try:
+            with torch.no_grad():
+                yield model
+        finally:
+            for module, training in modes:
+                module.training = training
+
+    def original_available(self) -> bool:
+        return self.teacher_source != "student" or not self.student_updated
+
+    # -- the original in its two roles --------------------------------------------------------
     @contextlib.contextmanager
     def teacher(self):
-        """The tempered original (the copy, or on LoRA the adapter-disabled student)."""
-        original = self.original_model()
-        if self.teacher_temperature is None:
+        """The tempered original (the copy, LoRA's adapter-disabled base, or the student)."""
+        if self.teacher_source == "copy":
+            yield self.original_model()
+            return
+        with self.reference() as original:
             with attention_temperature(original, self.temperature, self.layers):
                 yield original
-        else:
-            yield original
 
     @contextlib.contextmanager
     def reference(self):
         """The untempered original (for the KL / embedding retain losses)."""
-        original = self.original_model()
-        if self.teacher_temperature is None:
-            yield original
+        if self.teacher_source == "student":
+            with self.student_as_original() as original:
+                yield original
+        elif self.teacher_temperature is None:
+            yield self.original_model()
         else:
             with self.teacher_temperature.paused():
-                yield original
+                yield self.original_model()
 
     @torch.no_grad()
     def teacher_logits(self, inputs: dict) -> torch.Tensor:
@@ -142,7 +239,11 @@ class ASUMixin(UnlearnMethodMixin):
         with self.reference() as original:
             return original(**inputs).logits
 
-    # -- the teacher-output cache --------------------------------------------------------------
+    @torch.no_grad()
+    def _reference_logits_no_grad(self, inputs: dict) -> torch.Tensor:
+        return self.reference_logits(inputs)
+
+    # -- the output caches ---------------------------------------------------------------------
     def teacher_fingerprint(self) -> tuple:
         """What the teacher's output depends on besides the input: the model, τ, the layers."""
         config = getattr(plain_model(self.model), "config", None)
@@ -153,34 +254,77 @@ class ASUMixin(UnlearnMethodMixin):
             tuple(self.layers),
         )
 
-    def forget_teacher_logits(self, forget: dict) -> torch.Tensor:
-        """The teacher's logits on a forget batch: from the cache when it is on."""
-        if self.teacher_cache is None:
-            return self.teacher_logits(model_inputs(forget, with_labels=False))
-        self.teacher_cache.check(self.teacher_fingerprint())
-        if not self.teacher_cache.built:
-            self.build_teacher_cache()
-        return self.teacher_cache.teacher_logits(model_inputs(forget), self.teacher_logits)
+    def caches(self) -> list[TeacherCache]:
+        return [c for c in (self.teacher_cache, self.reference_cache) if c is not None]
+
+    def ensure_caches(self) -> None:
+        """Fill the caches that are not filled yet (at `train()` or the first training batch)."""
+        if self.teacher_cache is not None:
+            self.teacher_cache.check(self.teacher_fingerprint())
+            if not self.teacher_cache.built:
+                self.build_teacher_cache()
+        if self.reference_cache is not None and not self.reference_cache.built:
+            self.build_reference_cache()
 
     def build_teacher_cache(self) -> None:
         """One pass of the teacher over the whole forget set (progress bar on the main process)."""
         forget = getattr(self.train_dataset, "forget", None)
-        if forget is None:  # another dataset layout: rows are filled as they come
-            self.teacher_cache.built = True
+        self._fill(self.teacher_cache, forget, self.teacher_logits)
+
+    def build_reference_cache(self) -> None:
+        """One pass of the original over the retain rows training can draw."""
+        retain = getattr(self.train_dataset, "retain", None)
+        rows = _retain_rows(self.train_dataset)
+        self._fill(self.reference_cache, retain, self._reference_logits_no_grad, rows)
+
+    def _fill(self, cache: TeacherCache, dataset, compute, indices=None) -> None:
+        if dataset is None:  # another dataset layout: rows are filled as they come (from a copy)
+            cache.built = True
             return
-        self.teacher_cache.build(
-            forget,
+        cache.build(
+            dataset,
             self.data_collator,
-            self.teacher_logits,
+            compute,
             batch_size=self.args.per_device_train_batch_size,
             device=self.args.device,
             show_progress=not self.args.disable_tqdm,
+            indices=indices,
         )
+
+    def forget_teacher_logits(self, forget: dict) -> torch.Tensor:
+        """The teacher's logits on a forget batch: from the cache when it is on."""
+        if self.teacher_cache is None:
+            return self.teacher_logits(model_inputs(forget, with_labels=False))
+        self.ensure_caches()
+        return self.teacher_cache.teacher_logits(
+            model_inputs(forget), self._compute(self.teacher_logits)
+        )
+
+    def _compute(self, compute):
+        """What computes a cache miss: `compute`, or None once the original is gone."""
+        return compute if self.original_available() else None
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if self.teacher_source == "student" and not all(c.built for c in self.caches()):
+            if not (self.is_deepspeed_enabled or getattr(self, "is_fsdp_enabled", False)):
+                self.ensure_caches()  # now, before a resume loads a checkpoint into the student
+            elif resume_from_checkpoint:
+                # the engine loads the checkpoint before the first batch, and cannot run the
+                # model before it is set up: the copy, made now, is the original
+                self.use_frozen_copy("a resumed DeepSpeed/FSDP run fills its caches from it")
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     # -- losses --------------------------------------------------------------------------------
     def forget_objective(self, model, forget: dict):
         if self.forget_loss_type == "KL":
             outputs = model(**model_inputs(forget, with_labels=False))
+            if self.teacher_cache is not None and self.teacher_eos == "keep":
+                # the answer rows only, never a [B, T, V] teacher tensor
+                positions, rows = self.teacher_cache.lookup(
+                    model_inputs(forget), self._compute(self.teacher_logits)
+                )
+                loss = cached_kl_loss(outputs.logits, positions, rows, forget["labels"])
+                return loss, outputs
             teacher_logits = self.forget_teacher_logits(forget)
             if self.teacher_eos == "suppress":
                 teacher_logits = losses.suppress_end_of_answer(
@@ -196,6 +340,12 @@ class ASUMixin(UnlearnMethodMixin):
         return loss, None
 
     def retain_objective(self, model, retain_inputs: dict) -> torch.Tensor:
+        if self.reference_cache is not None:  # retain_loss_type KL
+            positions, reference = self.reference_cache.lookup(
+                retain_inputs, self._compute(self._reference_logits_no_grad)
+            )
+            logits = model(**model_inputs(retain_inputs, with_labels=False)).logits
+            return cached_kl_loss(logits, positions, reference, retain_inputs["labels"])
         if self.retain_loss_type != "EMBED_MSE":
             return super().retain_objective(model, retain_inputs)
         inputs = model_inputs(retain_inputs, with_labels=False)
@@ -209,6 +359,7 @@ class ASUMixin(UnlearnMethodMixin):
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
+        self.ensure_caches()  # before the student's forward holds its activations
         forget_loss, forget_outputs = self.forget_objective(model, inputs["forget"])
         retain_loss = self.retain_objective(model, model_inputs(inputs["retain"]))
         loss = self.gamma * forget_loss + self.alpha * retain_loss

@@ -1,0 +1,1 @@
+"""What each method costs per training step against GradDiff (`python -m benchmarks.perf.perf`)."""
