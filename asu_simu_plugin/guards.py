@@ -8,13 +8,18 @@ scaler, which skips such steps itself) the gradients, and the trained weights be
 checkpoint; the first failure raises `NonFiniteTrainingError` naming the step, the loss and the
 likely fix. The exception leaves `train()` before that checkpoint and before any final save, so
 the last good checkpoint stays and no finished model is written; `save_model` refuses
-non-finite weights too (the harness saves after `train()` returns).
+non-finite weights too (the harness saves after `train()` returns). DeepSpeed steps inside
+`accelerator.backward`, before transformers' pre-step hook, and keeps ZeRO's gradients in its own
+partitions (`p.grad` is None): there the check runs inside DeepSpeed's step, on its partitions
+(`asu_simu_plugin.zero.check_before_each_step`), still before the weights change.
 
 Safe loading. Resuming reads `optimizer.pt`, `scheduler.pt`, `rng_state*.pth`, `scaler.pt` with
 `torch.load`; transformers < 4.50 does so with torch's default, which is a full unpickler on
 torch < 2.6 (or with TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD), so a planted checkpoint could run code.
 `weights_only_loading()` makes every such read `weights_only=True`, allowing only the numpy
-types of the RNG state (what transformers >= 4.50 allows).
+types of the RNG state (what transformers >= 4.50 allows). DeepSpeed reads its own checkpoint
+files (`global_step*/`) from the training loop itself; `zero.weights_only_checkpoint_reads()`
+gives those reads the same treatment, allowing DeepSpeed's few plain-data record classes.
 
 Clean exit. A process group left open to interpreter shutdown lets gloo's worker thread free a
 finished collective's tensors after Python stopped serving the GIL, which aborts a rank at random
@@ -62,8 +67,12 @@ def _nonfinite_names(named_tensors) -> list[str]:
 
 
 def nonfinite_parameters(model, trainable_only: bool = False) -> list[str]:
+    """Names of the parameters holding a NaN or inf; of a ZeRO-3 model this rank's pieces only
+    (outside a gather its parameters are empty placeholders)."""
     return _nonfinite_names(
-        (n, p) for n, p in model.named_parameters() if p.requires_grad or not trainable_only
+        (n, getattr(p, "ds_tensor", p))
+        for n, p in model.named_parameters()
+        if p.requires_grad or not trainable_only
     )
 
 
@@ -83,7 +92,8 @@ class _NonFiniteCallback(TrainerCallback):
         self.trainer = trainer
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer._check_before_optimizer_step()
+        if not _uses_deepspeed(self.trainer):  # DeepSpeed has stepped by now: checked inside
+            self.trainer._check_before_optimizer_step()
 
     def on_step_end(self, args, state, control, **kwargs):
         # Before a checkpoint is written (the flow callback, registered first, has decided);
@@ -92,6 +102,10 @@ class _NonFiniteCallback(TrainerCallback):
         self.trainer._nonfinite_loss = None
         if control.should_save:
             self.trainer._check_after_optimizer_step()
+
+
+def _uses_deepspeed(trainer) -> bool:
+    return bool(getattr(trainer, "is_deepspeed_enabled", False))
 
 
 class NonFiniteGuardMixin:
@@ -103,14 +117,33 @@ class NonFiniteGuardMixin:
         self.args.logging_nan_inf_filter = False
         self._nonfinite_loss: float | None = None
         self.add_callback(_NonFiniteCallback(self))
+        if _uses_deepspeed(self):
+            self._guard_deepspeed_backward()
 
     def training_step(self, model, inputs, *args, **kwargs):
         loss = super().training_step(model, inputs, *args, **kwargs)
+        self._note_loss(loss)
+        return loss
+
+    def _note_loss(self, loss) -> None:
         if self._nonfinite_loss is None and torch.is_tensor(loss):
             value = float(loss.detach().float().mean())
             if not math.isfinite(value):
                 self._nonfinite_loss = value
-        return loss
+
+    def _guard_deepspeed_backward(self) -> None:
+        """Under DeepSpeed the step is taken inside `accelerator.backward` (at the last
+        micro-batch of a step): note the loss before it, and check inside DeepSpeed's step."""
+        from asu_simu_plugin import zero
+
+        backward = self.accelerator.backward
+
+        def guarded_backward(loss, *args, **kwargs):
+            self._note_loss(loss)
+            zero.check_before_each_step(zero.engine_of(self), self._check_before_optimizer_step)
+            return backward(loss, *args, **kwargs)
+
+        self.accelerator.backward = guarded_backward
 
     # -- the checks ------------------------------------------------------------------------------
     def _any_rank(self, flag: bool) -> bool:
@@ -126,16 +159,21 @@ class NonFiniteGuardMixin:
             raise NonFiniteTrainingError(
                 self._message(f"the loss is {loss if loss is not None else 'non-finite'}")
             )
-        if getattr(self.accelerator, "scaler", None) is not None:
+        if _uses_deepspeed(self):
+            from asu_simu_plugin import zero
+
+            bad = zero.nonfinite_gradients(self)  # every rank: DeepSpeed's check is collective
+        elif getattr(self.accelerator, "scaler", None) is not None:
             return  # fp16 loss scaling: the scaler skips overflowing steps and lowers its scale
-        bad = nonfinite_gradients(self.model)
+        else:
+            bad = nonfinite_gradients(self.model)
         if bad:
             raise NonFiniteTrainingError(
                 self._message(f"gradients of {_shorten(bad)} are non-finite")
             )
 
     def _check_after_optimizer_step(self) -> None:
-        bad = nonfinite_parameters(self.model, trainable_only=True)
+        bad = self._nonfinite_weights(trainable_only=True)
         if bad:
             raise NonFiniteTrainingError(
                 self._message(
@@ -158,13 +196,32 @@ class NonFiniteGuardMixin:
         )
 
     # -- saving ------------------------------------------------------------------------------------
+    def _nonfinite_weights(self, trainable_only: bool = False) -> list[str]:
+        bad = nonfinite_parameters(self.model, trainable_only)
+        # ZeRO-3: each rank sees its own pieces, so the ranks decide together (save_model and
+        # the checkpoint check run on every rank there)
+        if self.accelerator.num_processes > 1 and _zero3_partitioned(self.model):
+            bad = _union_over_ranks(bad)
+        return bad
+
     def save_model(self, output_dir=None, _internal_call=False):
-        bad = nonfinite_parameters(self.model)
+        bad = self._nonfinite_weights()
         if bad:
             raise NonFiniteTrainingError(
                 f"refusing to save a model with non-finite weights ({_shorten(bad)})"
             )
         return super().save_model(output_dir, _internal_call)
+
+
+def _zero3_partitioned(model) -> bool:
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def _union_over_ranks(names: list[str]) -> list[str]:
+    """Every rank's names (in first-seen order); a collective."""
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, names)
+    return list(dict.fromkeys(n for part in gathered for n in part))
 
 
 def _parameter_dtype(model):
@@ -188,8 +245,9 @@ def numpy_rng_globals() -> list:
 
 
 @contextlib.contextmanager
-def weights_only_loading():
-    """Within the block every `torch.load` is `weights_only=True` (numpy RNG state allowed)."""
+def weights_only_loading(allowed=()):
+    """Within the block every `torch.load` is `weights_only=True` (numpy RNG state and the
+    classes in `allowed` permitted)."""
     original = torch.load
 
     def load(*args, **kwargs):
@@ -200,19 +258,28 @@ def weights_only_loading():
             source = args[0] if args else kwargs.get("f")
             raise UnsafeCheckpointError(
                 f"{source} holds objects that a weights-only load refuses, so it is not read "
-                "(a checkpoint written by transformers holds only tensors, numbers and the "
-                "numpy RNG state; reading the latter safely needs torch >= 2.4). Resume from a "
-                f"checkpoint you trust, or start over. Detail: {str(error).splitlines()[0]}"
+                "(a checkpoint written by transformers or DeepSpeed holds only tensors, numbers, "
+                "the numpy RNG state and DeepSpeed's records; reading the latter two safely "
+                "needs torch >= 2.4). Resume from a checkpoint you trust, or start over. "
+                f"Detail: {_refusal(error)}"
             ) from None
 
     allow = getattr(torch.serialization, "safe_globals", None)
-    scope = allow(numpy_rng_globals()) if allow is not None else contextlib.nullcontext()
+    permitted = numpy_rng_globals() + list(allowed)
+    scope = allow(permitted) if allow is not None else contextlib.nullcontext()
     torch.load = load
     try:
         with scope:
             yield
     finally:
         torch.load = original
+
+
+def _refusal(error: Exception) -> str:
+    """The line of torch's refusal that names what was refused (without its advice to allow it)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    line = next((x for x in lines if "WeightsUnpickler error" in x), lines[0] if lines else "")
+    return line.split(" Please use ")[0]
 
 
 def close_distributed(barrier: bool = True) -> None:

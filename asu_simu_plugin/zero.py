@@ -7,7 +7,7 @@ says where each parameter's piece is: its ``_hp_mapping`` fragment addresses (Ze
 ``safe_get_local_fp32_param`` (ZeRO-3) give views into those flat tensors; gradients come from
 ``safe_get_full_grad`` (ZeRO-1/2) / ``safe_get_local_grad`` (ZeRO-3). Nothing here partitions
 anything itself. The frozen reference copy under ZeRO-3 is built with transformers' own
-``zero.Init`` path and filled under ``GatheredParameters``.
+``zero.Init`` path and filled slice by slice (`frozen_copy`).
 
 Only this module (and the DeepSpeed-aware parts of `methods/`) knows about DeepSpeed.
 """
@@ -55,6 +55,126 @@ def honour_max_grad_norm(trainer) -> None:
             'without DeepSpeed (add "gradient_clipping": "auto" to the config to say so)',
             trainer.args.max_grad_norm,
         )
+
+
+# -- the non-finite guard and safe resume under DeepSpeed -----------------------------------------
+def check_before_each_step(engine, check) -> None:
+    """Call `check()` inside DeepSpeed's step, right before its optimizer changes the weights
+    (DeepSpeed steps inside `accelerator.backward`, where no trainer hook runs). Once per engine."""
+    optimizer = engine.optimizer
+    if getattr(optimizer, "_unguarded_step", None) is not None:
+        return
+    step = optimizer.step
+
+    def guarded_step(*args, **kwargs):
+        check()
+        return step(*args, **kwargs)
+
+    optimizer._unguarded_step = step
+    optimizer.step = guarded_step  # the engine calls `self.optimizer.step()` at each boundary
+
+
+def nonfinite_gradients(trainer) -> list[str]:
+    """Names of the trainable parameters whose reduced gradient holds a NaN or inf, before
+    DeepSpeed's step; [] when all are finite. A collective: every rank calls it at the step.
+
+    ZeRO keeps gradients in its partitions (`p.grad` is None): its own overflow check (which
+    DeepSpeed runs only for fp16) reads them and agrees over the ranks; the names come from
+    DeepSpeed's gradient accessors, only when something is non-finite. Under fp16 DeepSpeed's
+    loss scaler skips such steps itself, so nothing is reported.
+    """
+    engine = engine_of(trainer)
+    if engine.fp16_enabled():
+        return []
+    optimizer = engine.optimizer
+    if hasattr(optimizer, "has_overflow"):  # the ZeRO-1/2/3 optimizers
+        found = bool(optimizer.has_overflow(partition_gradients=True))
+    else:  # without ZeRO: whole gradients (bf16: DeepSpeed's fp32 copies)
+        local = getattr(optimizer, "fp32_groups_gradients_flat", None) or [
+            p.grad for p in engine.module.parameters() if p.grad is not None
+        ]
+        flag = torch.tensor(
+            float(any(not bool(torch.isfinite(g).all()) for g in local)), device=engine.device
+        )
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        found = bool(flag.item())
+    if not found:
+        return []
+    return _nonfinite_gradient_names(engine.module) or ["some parameters"]
+
+
+def _nonfinite_gradient_names(model) -> list[str]:
+    from deepspeed.utils import safe_get_full_grad, safe_get_local_grad
+
+    names = []
+    for name, param in model.named_parameters():  # same order on every rank: collectives
+        if not param.requires_grad:
+            continue
+        # ZeRO-3: this rank's piece; ZeRO-1/2: the whole gradient (all-reduced)
+        grad = safe_get_local_grad(param) if hasattr(param, "ds_id") else safe_get_full_grad(param)
+        if grad is not None and grad.numel() and not bool(torch.isfinite(grad).all()):
+            names.append(name)
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, names)
+    return list(dict.fromkeys(n for part in gathered for n in part))
+
+
+def checkpoint_classes() -> list:
+    """DeepSpeed's plain-data record classes inside its own checkpoint files (the loss scaler's
+    settings, the ZeRO stage, where each parameter sits in a partition): a weights-only load of
+    a ZeRO checkpoint needs them, and they run no code when rebuilt."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_checkpoint_reads():
+    """Inside the block every DeepSpeed engine's `load_checkpoint` (transformers calls it from
+    its training loop to resume, outside any method of the trainer) reads each file of the
+    checkpoint (`global_step*/*model_states.pt`, `*optim_states.pt`) weights-only, and refuses
+    a file that would need unpickling (`UnsafeCheckpointError`)."""
+    from deepspeed import DeepSpeedEngine
+
+    from asu_simu_plugin.guards import weights_only_loading
+
+    original = DeepSpeedEngine.load_checkpoint
+
+    def load_checkpoint(engine, *args, **kwargs):
+        with weights_only_loading(checkpoint_classes()):
+            return original(engine, *args, **kwargs)
+
+    DeepSpeedEngine.load_checkpoint = load_checkpoint
+    try:
+        yield
+    finally:
+        DeepSpeedEngine.load_checkpoint = original
+
+
+@contextlib.contextmanager
+def whole_parameters(model_or_params):
+    """Inside the block every ZeRO-3-partitioned parameter of a model (one loaded under
+    zero.Init, before DeepSpeed's engine wraps it) or of a list is whole on every rank, read-only,
+    so a plain forward works; a collective. Other parameters (and None) are left as they are.
+
+    One parameter per gather: DeepSpeed 0.15's gather of several parameters at once launches an
+    asynchronous all-gather for each and waits only for the last, which over gloo (CPU) returns
+    before the others finished (the weights then hold whatever memory they got, NaN at times).
+    """
+    if hasattr(model_or_params, "parameters"):
+        model_or_params = model_or_params.parameters()
+    params = [p for p in model_or_params or () if hasattr(p, "ds_id")]
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with contextlib.ExitStack() as stack:
+        for param in params:
+            stack.enter_context(deepspeed.zero.GatheredParameters([param]))
+        yield
 
 
 def engine_of(trainer):
@@ -225,9 +345,13 @@ def frozen_copy(trainer, model: torch.nn.Module) -> torch.nn.Module:
     ZeRO-3 partitions parameters at load time (`zero3_init_flag`), and a deep copy of such a
     model keeps hooks and gather closures of the original: it computes with the live weights.
     So under ZeRO-3 a fresh model is built from the config through transformers' own
-    `zero.Init` path, filled parameter by parameter under `GatheredParameters`, and wrapped by
-    `deepspeed.initialize` for inference (as the harness does for its reference models). Other
-    stages keep whole parameters on every rank: a deep copy on the device suffices.
+    `zero.Init` path, filled parameter by parameter, and wrapped by `deepspeed.initialize` for
+    inference (as the harness does for its reference models). A partitioned source (loaded
+    under zero.Init, e.g. TrainingArguments made before `from_pretrained`) has the very same
+    layout, so each rank copies its own slices without any communication; a whole source is
+    written into the copy from rank 0, one parameter per gather (see `whole_parameters`: gathering
+    source and copy together corrupted the copy in about one run in five on CPU). Other stages
+    keep whole parameters on every rank: a deep copy on the device suffices.
     """
     import deepspeed
 
@@ -244,7 +368,10 @@ def frozen_copy(trainer, model: torch.nn.Module) -> torch.nn.Module:
     pairs = list(zip(source.parameters(), ref.parameters(), strict=True))
     rank = torch.distributed.get_rank()
     for mine, theirs in pairs:
-        with deepspeed.zero.GatheredParameters([mine, theirs], modifier_rank=0):
+        if hasattr(mine, "ds_id") and mine.ds_tensor.shape == theirs.ds_tensor.shape:
+            theirs.ds_tensor.data.copy_(mine.ds_tensor.data)  # this rank's slice of both
+            continue
+        with whole_parameters([mine]), deepspeed.zero.GatheredParameters([theirs], 0):
             if rank == 0:
                 theirs.data.copy_(mine.data)
     for src_buffer, dst_buffer in zip(source.buffers(), ref.buffers(), strict=True):

@@ -385,6 +385,22 @@ def test_embedding_variant_trains_only_the_selected_parameters(world, tmp_path):
         assert torch.equal(p, original[name]), name
 
 
+def test_no_empty_parameter_group_when_only_some_weights_train(world, tmp_path):
+    """Only decayed weights train: the no-decay group would be empty. DeepSpeed drops empty groups
+    after the learning-rate schedule was built for them (its first step then fails with "zip()
+    argument 2 is longer"), so the optimizer is built without them."""
+    trainer = asu(
+        world,
+        tmp_path,
+        **EMBED,
+        temperature=100.0,
+        trainable_params_regex=[r"model\.layers\.(0|1)\.mlp\.down_proj\.weight"],
+        settings=steps(2, weight_decay=0.1),
+    )
+    groups = trainer.create_optimizer().param_groups
+    assert [(len(g["params"]), g["weight_decay"]) for g in groups] == [(2, 0.1)]
+
+
 def test_run_record(world, tmp_path):
     model, tokenizer, forget, retain = world
     method_args = {"temperature": 2.5, "layers": [0, 2], "retain_loss_type": "KL"}

@@ -146,9 +146,15 @@ def test_resume_never_runs_a_planted_pickle(rows, toy_tokenizer, tmp_path, plant
     marker = tmp_path / "pwned"
     torch.save({"state": Payload(marker)}, checkpoint / planted)
     resumed = trainer_for(rows, toy_tokenizer, tmp_path, steps=2, save_steps=1)
-    with pytest.raises(UnsafeCheckpointError, match=planted):
+    with pytest.raises(UnsafeCheckpointError, match=planted) as refused:
         resumed.train(resume_from_checkpoint=str(checkpoint))
     assert not marker.exists()
+    message = str(refused.value)  # one line, naming what was refused (not how to allow it)
+    assert "\n" not in message
+    assert message.endswith(
+        "Detail: WeightsUnpickler error: Unsupported global: GLOBAL io.open was not an allowed "
+        "global by default."
+    )
 
 
 def test_resume_from_an_honest_checkpoint_restores_rng_and_continues(

@@ -9,6 +9,7 @@ The method's arguments are `self.method_args` (its dataclass, `asu_simu_plugin.r
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
 from collections import defaultdict
@@ -46,7 +47,11 @@ class TrainerCompatMixin(NonFiniteGuardMixin):
     - Distributed runs close their process group at exit once training succeeded (the harness's
       `src/train.py` never does; gloo then aborts a rank at random after the model was saved).
     - Resuming: transformers < 4.50 reads optimizer, scheduler and RNG state with `torch.load`'s
-      default (a full unpickler on torch < 2.6); every checkpoint read here is weights-only.
+      default (a full unpickler on torch < 2.6); every checkpoint read here is weights-only,
+      DeepSpeed's own checkpoint files included (`zero.weights_only_checkpoint_reads`).
+    - Empty parameter groups (nothing to decay-exempt when only some weights train) are dropped
+      when the optimizer is built: DeepSpeed drops them later, after the learning-rate schedule
+      was built for every group, and its first step then fails.
     """
 
     def __init__(self, *args, **kwargs):
@@ -75,8 +80,21 @@ class TrainerCompatMixin(NonFiniteGuardMixin):
         with weights_only_loading():
             return super()._load_best_model(*args, **kwargs)
 
+    def create_optimizer(self):
+        optimizer = super().create_optimizer()
+        groups = optimizer.param_groups
+        if any(group["params"] for group in groups):
+            groups[:] = [group for group in groups if group["params"]]
+        return optimizer
+
     def train(self, *args, **kwargs):
-        output = super().train(*args, **kwargs)
+        reads = contextlib.nullcontext()
+        if getattr(self, "is_deepspeed_enabled", False):
+            from asu_simu_plugin import zero
+
+            reads = zero.weights_only_checkpoint_reads()  # DeepSpeed resumes inside train()
+        with reads:
+            output = super().train(*args, **kwargs)
         # only after a training that succeeded on this rank (see guards.close_distributed)
         close_distributed_at_exit()
         return output

@@ -62,7 +62,7 @@ def final_tensors(out: Path) -> dict:
     return load_file(out / "final.safetensors")
 
 
-ACCELERATE_CONFIGS = {stage: HERE / f"zero{stage}.yaml" for stage in (2, 3)}
+ACCELERATE_CONFIGS = {stage: HERE / f"zero{stage}.yaml" for stage in (1, 2, 3)}
 
 
 @functools.cache
@@ -98,8 +98,11 @@ def accelerate_config(stage: int, dest: Path) -> Path:
     return config
 
 
-def deepspeed_launch(out: Path, spec: dict, stage: int, timeout: int = 900) -> list[dict]:
-    """The spec in 2 processes under accelerate + DeepSpeed ZeRO-<stage> (gloo on CPU)."""
+def deepspeed_launch(
+    out: Path, spec: dict, stage: int, timeout: int = 900, env: dict | None = None
+) -> list[dict]:
+    """The spec in 2 processes under accelerate + DeepSpeed ZeRO-<stage> (gloo on CPU); `env`:
+    extra environment variables."""
     python = require_deepspeed()
     out.mkdir(parents=True, exist_ok=True)
     command = [
@@ -114,7 +117,7 @@ def deepspeed_launch(out: Path, spec: dict, stage: int, timeout: int = 900) -> l
         str(out),
         json.dumps(spec),
     ]
-    return run(command, out, 2, timeout)
+    return run(command, out, 2, timeout, env=quiet_env(**(env or {})))
 
 
 def single_process(out: Path, spec: dict, python: str | None = None, timeout: int = 900):

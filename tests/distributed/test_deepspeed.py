@@ -3,8 +3,8 @@
 The same global batch: 2 ranks × 1 row against 1 process × 1 row × 2 accumulation steps (both
 average two per-row means), 10 forget rows (5 steps in one epoch, so the data order is the
 same), Sophia-G's labels by argmax (sampling draws differ between process counts). Logged loss
-components and final parameters agree to 1e-5 after 5 steps; SIMU's frozen entries are
-bit-identical in the saved model.
+components and final parameters agree to 1e-5 after 5 steps; SIMU's frozen entries, and every
+weight ASU's WMDP variant does not train, are bit-identical in the saved model.
 """
 
 from __future__ import annotations
@@ -30,7 +30,22 @@ CONFIGS = {
     "SOGradDiff_grad2": ("sograddiff", {"hessian_mode": "grad2"}),
     "SOGradDiff_gnb": ("sograddiff", {"hessian_mode": "gnb", "hessian_interval": 2}),
     "SIMU": ("simu", {"threshold": 0.3, "steps": 2, "hessian_mode": "gnb", "hessian_interval": 2}),
+    # the WMDP variant (configs/experiment/unlearn/wmdp/asu.yaml) on 4 layers: only some
+    # down_proj weights train, so the no-decay parameter group is empty
+    "ASU_WMDP": (
+        "asu",
+        {
+            "temperature": 100.0,
+            "forget_loss_type": "EMBED_MSE",
+            "retain_loss_type": "EMBED_MSE",
+            "embed_layer": 3,
+            "gamma": 100.0,
+            "alpha": 1000.0,
+            "trainable_params_regex": [r"model\.layers\.(1|2|3)\.mlp\.down_proj\.weight"],
+        },
+    ),
 }
+WMDP_TRAINED = [f"model.layers.{i}.mlp.down_proj.weight" for i in (1, 2, 3)]
 # every logged number but these: the loss, its components, Sophia's win rate and Hessian count
 NOT_COMPARED = {"grad_norm", "learning_rate", "epoch"}
 
@@ -43,6 +58,7 @@ def spec(name: str, accumulation: int) -> dict:
         "argmax_labels": True,
         "forget_authors": 2,
         "save": True,
+        "peaked_attention": name == "ASU_WMDP",  # so that τ = 100 visibly changes the teacher
         "settings": {
             "epochs": 5,
             "batch_size": 1,
@@ -73,10 +89,10 @@ def logged(record) -> list[dict]:
 
 
 # ZeRO-3 (the harness's stage) for every method; ZeRO-2 for those with ZeRO-specific code paths
-# (Hessian pass, masks) in the CI tier, the others marked slow
+# (Hessian pass, masks, an empty parameter group) in the CI tier, the others marked slow
+ZERO2_TIER = ("SOGradDiff_gnb", "SIMU", "ASU_WMDP")
 CASES = [pytest.param(name, 3) for name in CONFIGS] + [
-    pytest.param(name, 2, marks=[] if name in ("SOGradDiff_gnb", "SIMU") else pytest.mark.slow)
-    for name in CONFIGS
+    pytest.param(name, 2, marks=[] if name in ZERO2_TIER else pytest.mark.slow) for name in CONFIGS
 ]
 
 
@@ -98,12 +114,23 @@ def test_zero_matches_one_process(tmp_path, baseline_root, name, stage):
     if name == "SIMU":
         assert ranks[0]["masks"] == one["masks"]
         assert_simu_froze_what_it_must(tmp_path / "zero", ranks[0]["masks"])
+    if name == "ASU_WMDP":
+        assert moved_weights(tmp_path / "zero") == WMDP_TRAINED
     zero_tensors = final_tensors(tmp_path / "zero")
     for key, value in one_tensors.items():
         if key.startswith(("param/", "exp_avg/", "hessian/")):
             torch.testing.assert_close(
                 zero_tensors[key].reshape(value.shape), value, rtol=1e-5, atol=1e-5, msg=key
             )
+
+
+def moved_weights(out) -> list[str]:
+    """The weights that differ between the initial and the saved model."""
+    from safetensors.torch import load_file
+
+    initial = load_file(out / "initial.safetensors")
+    saved = load_file(out / "model" / "model.safetensors")
+    return sorted(n for n, after in saved.items() if not torch.equal(after, initial[n]))
 
 
 def assert_simu_froze_what_it_must(out, masks_record):

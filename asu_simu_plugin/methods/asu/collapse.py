@@ -127,7 +127,7 @@ def collapse_guard(
             warnings.warn(message, stacklevel=3)
         return stats
 
-    return main_process_then_broadcast(compute)
+    return main_process_then_broadcast(compute, model)
 
 
 def guard_for_trainer(

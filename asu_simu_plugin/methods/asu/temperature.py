@@ -347,15 +347,36 @@ def _announce(message: str) -> None:
         print(message, file=sys.stderr)
 
 
-def main_process_then_broadcast(compute):
-    """Run `compute` on rank 0 only and give its result to every rank (or just run it)."""
+def main_process_then_broadcast(compute, model=None):
+    """Run `compute` on rank 0 only and give its result to every rank (or just run it).
+
+    `model`: the model `compute` runs. Partitioned by DeepSpeed ZeRO-3 (loaded under zero.Init)
+    it holds only a slice of each weight per rank, and rank 0 cannot gather alone: every rank
+    gathers it whole for the pass (`zero.whole_parameters`). An error on rank 0 is raised on
+    every rank, so none waits for a result that never comes.
+    """
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        box = [compute() if dist.get_rank() == 0 else None]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-    return compute()
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return compute()
+    from asu_simu_plugin import zero
+
+    failure = None
+    with zero.whole_parameters(model):
+        if dist.get_rank() == 0:
+            try:
+                box = [(True, compute())]
+            except Exception as error:
+                failure, box = error, [(False, f"{type(error).__name__}: {error}")]
+        else:
+            box = [None]
+    dist.broadcast_object_list(box, src=0)
+    done, value = box[0]
+    if failure is not None:
+        raise failure
+    if not done:
+        raise RuntimeError(f"rank 0 failed while measuring the teacher: {value}")
+    return value
 
 
 def auto_temperature(
@@ -432,7 +453,7 @@ def auto_temperature(
         )
         return record
 
-    record = main_process_then_broadcast(compute)
+    record = main_process_then_broadcast(compute, model)
     return record["temperature"], record["layers"], record
 
 
