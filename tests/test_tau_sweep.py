@@ -20,10 +20,9 @@ from asu_simu_plugin.methods.asu.sweep import format_table, plot_grid, tau_sweep
 from asu_simu_plugin.methods.asu.temperature import (
     GRID_FIELDS,
     choose_temperature,
-    function_token_ids,
-    is_function_token,
     write_grid_csv,
 )
+from asu_simu_plugin.methods.asu.tokens import function_token_ids, is_function_token
 
 
 @pytest.fixture

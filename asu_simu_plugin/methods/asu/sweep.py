@@ -22,7 +22,8 @@ import torch
 from asu_simu_plugin.arch import decoder_layers, resolve_layer_ids
 from asu_simu_plugin.data import QADataset
 from asu_simu_plugin.losses import IGNORE_INDEX
-from asu_simu_plugin.methods.asu.temperature import function_token_ids, sweep_grid
+from asu_simu_plugin.methods.asu.temperature import sweep_grid
+from asu_simu_plugin.methods.asu.tokens import function_token_ids
 
 
 def tau_sweep(
