@@ -175,7 +175,8 @@ def test_a_missing_scoring_model_stops_the_run_before_generating(tiny_model, tmp
     out = tmp_path / "missing"
     missing = tmp_path / "no-nli-here"
     result = subprocess.run(
-        [python, "src/eval.py", *paper_eval_args(tiny_model, out, f"eval.asu_paper.nli_model={missing}")],
+        [python, "src/eval.py", *paper_eval_args(tiny_model, out, f"eval.asu_paper.nli_model={missing}",
+                                                 "eval.asu_paper.embedding_model=null")],
         cwd=checkout, capture_output=True, text=True, timeout=900,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
     )  # fmt: skip
@@ -185,3 +186,40 @@ def test_a_missing_scoring_model_stops_the_run_before_generating(tiny_model, tmp
     assert "Set eval.asu_paper.nli_model=/path/to/a/local/copy" in log
     assert "Calculating" not in log  # no metric ran: nothing was generated or scored
     assert not (out / "ASU_PAPER_EVAL.json").exists()
+
+
+# One step of each baseline (and of ASU_KL) with its paper preset, scorers off (no eval runs).
+PRESET_LOSSES = {
+    "ME_GD": ("me/forget_loss", "me/retain_loss"),
+    "IDK_AP": ("idk/forget_loss", "idk/retain_loss"),
+    "LLMU": ("llmu/forget_nll", "llmu/mismatch_loss", "llmu/retain_loss"),
+    "ASU_KL": ("asu/forget_loss", "asu/retain_loss"),
+}
+
+
+@pytest.mark.parametrize("preset", list(PRESET_LOSSES))
+def test_paper_presets_train_one_step(tiny_model, tmp_path, preset):
+    out = tmp_path / preset
+    result = run_harness(
+        "train.py",
+        [
+            "--config-name=unlearn.yaml",
+            f"experiment=unlearn/tofu/paper/{preset}",
+            f"task_name={out.name}",
+            *model_overrides(tiny_model),
+            *CPU_TRAIN_OVERRIDES,
+            "+trainer.args.max_steps=1",
+            "trainer.args.logging_steps=1",
+            f"paths.output_dir={out}",
+            "eval.asu_paper.nli_model=null",
+            "eval.asu_paper.embedding_model=null",
+        ],
+    )
+    handler = preset.split("_")[0]
+    assert f"{handler} Trainer loaded" in result.stdout + result.stderr
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 1
+    logged = state["log_history"][0]
+    for key in PRESET_LOSSES[preset]:
+        assert logged[key] == logged[key] and abs(logged[key]) < 1e4  # finite
+    assert (out / "model.safetensors").is_file()

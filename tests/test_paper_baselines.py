@@ -5,13 +5,15 @@ ASU code), and each trainer's total loss assembled by hand."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from transformers import LlamaForCausalLM, TrainingArguments
 
-from asu_simu_plugin import standalone, toy
+from asu_simu_plugin import registry, standalone, toy
 from asu_simu_plugin.arguments import MethodArgumentError
 from asu_simu_plugin.methods.idk import IDKArguments, answer_preservation_loss
 from asu_simu_plugin.methods.llmu import mismatch_batch
@@ -196,3 +198,60 @@ def test_baseline_arguments_are_checked():
         MEArguments(positions="prompt")
     with pytest.raises(MethodArgumentError, match="beta must be > 0"):
         IDKArguments(beta=0)
+
+
+# -- the presets -----------------------------------------------------------------------------------
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+PAPER = CONFIGS / "experiment" / "unlearn" / "tofu" / "paper"
+OFFICIAL_FORGET_WEIGHT = {"ASU": 0.1, "ME": 0.1, "IDK": 1.0, "LLMU": 1.0}
+RETAIN = {"GD": "NLL", "KL": "KL_ALL", "AP": "AP"}
+
+
+def load(path):
+    """A config as Hydra reads it (OmegaConf: 1e-5 is a number), interpolations unresolved."""
+    return OmegaConf.to_container(OmegaConf.load(path))
+
+
+def test_tofu_presets_carry_the_official_settings():
+    setting = load(PAPER / "setting.yaml")["trainer"]["args"]
+    assert (setting["learning_rate"], setting["num_train_epochs"]) == (1e-5, 5)
+    assert (setting["per_device_train_batch_size"], setting["gradient_accumulation_steps"]) == (
+        4,
+        4,
+    )
+    assert (setting["weight_decay"], setting["seed"]) == (0.01, 1001)
+    asu = load(CONFIGS / "experiment" / "unlearn" / "tofu" / "asu_paper.yaml")["trainer"]
+    assert asu["method_args"]["temperature"] == 2.3 and asu["method_args"]["layers"] is None
+    presets = sorted(p.stem for p in PAPER.glob("*.yaml") if p.stem != "setting")
+    assert presets == ["ASU_GD", "ASU_KL", "IDK_AP", "IDK_GD", "IDK_KL", "LLMU", "ME_GD", "ME_KL"]
+    for name in presets:
+        config = load(PAPER / f"{name}.yaml")
+        if name.startswith("ASU"):
+            args = {**asu["method_args"], **(config.get("trainer") or {}).get("method_args", {})}
+        else:
+            args = config["trainer"]["method_args"]
+            trainer = next(d["override /trainer"] for d in config["defaults"] if isinstance(d, dict) and "override /trainer" in d)  # fmt: skip
+            assert trainer == name.split("_")[0]
+            registry.get_method(trainer).arguments.from_values(args, trainer)  # all valid
+        method, _, retain = name.partition("_")
+        assert args["gamma"] == OFFICIAL_FORGET_WEIGHT[method]
+        assert args["retain_loss_type"] == RETAIN.get(retain, "KL_ALL")  # LLMU: KL_ALL
+
+
+def test_real_world_presets_carry_the_official_settings():
+    config = load(CONFIGS / "experiment" / "unlearn" / "real_world" / "asu_paper.yaml")
+    args, method = config["trainer"]["args"], config["trainer"]["method_args"]
+    assert (method["temperature"], method["layers"], method["gamma"]) == (2.7, None, 0.05)
+    assert (args["learning_rate"], args["num_train_epochs"]) == (5e-6, 5)
+    assert config["eval"]["lm_eval"]["tasks"] == [
+        "arc_challenge",
+        "mmlu",
+        "truthfulqa_mc1",
+        "gsm8k",
+    ]
+    metrics_cfg = load(CONFIGS / "eval" / "asu_paper_real_world.yaml")["metrics"]
+    assert len(metrics_cfg["paper_model_utility"]["pre_compute"]) == 6
+    assert {metrics_cfg[f"{s}_Entailment_Score"]["direction"] for s in ("neighbor", "forget")} == {
+        "answer_to_reference"
+    }
+    assert metrics_cfg["forget_Truth_Ratio"]["forget"] is True
