@@ -1,7 +1,8 @@
 """The only module that imports the open-unlearning harness.
 
 It finds the harness, builds our trainer classes on the harness's own `GradDiff` / `NPO` (so they
-inherit its DeepSpeed reference-model path, evaluation and logging), and registers them into the
+inherit its DeepSpeed reference-model path, evaluation and logging) and our metrics and evaluator
+on its `UnlearningMetric` / `Evaluator` (`asu_simu_plugin.metrics`), and registers them into the
 harness registries without ever shadowing a harness name.
 
 The harness is the one already running (inside `python src/train.py` its `trainer` module is
@@ -29,6 +30,8 @@ ENV_VAR = "OPEN_UNLEARNING_SRC"
 COMPONENT_REGISTRIES = {
     "model": ("MODEL_REGISTRY", "model"),
     "optimizer": ("OPTIMIZER_REGISTRY", "trainer"),
+    "metric": ("METRICS_REGISTRY", "evals.metrics"),
+    "evaluator": ("EVALUATOR_REGISTRY", "evals"),
 }
 
 
@@ -101,9 +104,41 @@ def _bases() -> dict[str, type]:
 # `asu_simu_plugin.harness:<Name>` objects are what our `open_unlearning.trainers` entry points name).
 # SharedReferenceMixin: on a LoRA model the KL / NPO reference is the student's own base weights
 # with the adapters off, where the harness's `_prepare_ref_model` would deep-copy the model.
-__getattr__ = registry.lazy_trainer_classes(
+_trainer_class = registry.lazy_trainer_classes(
     __name__, _bases, front=(TrainerCompatMixin, SharedReferenceMixin)
 )
+_evaluation_objects: dict[str, object] = {}
+
+
+def _evaluation_object(name: str):
+    """Our metric (the harness's `UnlearningMetric` around a function of
+    `asu_simu_plugin.metrics.paper`) or evaluator (our mixin on the harness's `Evaluator`)."""
+    from asu_simu_plugin import metrics
+
+    if name not in _evaluation_objects:
+        if name in metrics.METRIC_FUNCTIONS:
+            from asu_simu_plugin.metrics import paper
+
+            base = import_harness("evals.metrics.base").UnlearningMetric
+            function = getattr(paper, metrics.METRIC_FUNCTIONS[name])
+            _evaluation_objects[name] = base(name=name, metric_fn=function)
+        else:
+            module, attribute = metrics.EVALUATORS[name].split(":")
+            mixin = getattr(importlib.import_module(module), attribute)
+            base = import_harness("evals.base").Evaluator
+            attributes = {"__module__": __name__, "__qualname__": name}
+            _evaluation_objects[name] = type(name, (mixin, base), attributes)
+    return _evaluation_objects[name]
+
+
+def __getattr__(name: str):
+    """Trainer classes, metrics and evaluators, each built once on first access (registries
+    compare identity)."""
+    from asu_simu_plugin import metrics
+
+    if name in metrics.METRIC_FUNCTIONS or name in metrics.EVALUATORS:
+        return _evaluation_object(name)
+    return _trainer_class(name)
 
 
 def _register_into(registry: dict, name: str, obj) -> bool:
@@ -133,7 +168,8 @@ def _plugin_objects():
 
 
 def register() -> list[str]:
-    """Register our trainers, model handlers and optimizers into the running harness.
+    """Register our trainers, model handlers, optimizers, metrics and evaluator into the running
+    harness.
 
     Returns the names newly added. Safe to call more than once, and alongside the entry-point
     patch (names already registered with the same object are skipped silently). One object that

@@ -56,7 +56,9 @@ def fake_tree(tmp_path):
 def test_rows_rates_and_bad_options(tmp_path):
     base = fake_tree(tmp_path)
     args = run.parse_args([*base, "--device", "cpu"])
-    assert args.rows == ["SOGradDiff", "SIMU", "NPO", "ASU", "GradDiff", "ASU_tau2.3"]
+    assert args.rows == [
+        "SOGradDiff", "SIMU", "NPO", "ASU", "GradDiff", "ASU_tau2.3", "ME_GD", "IDK_AP"
+    ]  # fmt: skip
     assert all(args.rates[r] == [5e-5, 1e-4, 2e-4] for r in args.rows)  # one grid for all
     assert args.seeds == [0, 1, 2] and args.headline == ["GradDiff", "NPO", "ASU", "ASU_tau2.3"]
     # curve-only rates below and above the grid, for the equal-forgetting pair only

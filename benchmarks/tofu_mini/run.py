@@ -24,7 +24,10 @@ data, harness experiments, metrics and rows. Stages (each is skipped when its ma
   unlearn_<run>    src/train.py --config-name=unlearn.yaml: every row at every --grid rate (first
                    seed), then the --headline rows at every --seeds seed at the rate selected by
                    one rule (select_rate); runs are named <row>_lr<LR>_s<SEED>
-  eval_<run>       src/eval.py on the unlearned model
+  eval_<run>       src/eval.py on the unlearned model: the harness's TOFU metrics and the ASU
+                   paper's Model Utility / Forget Efficacy (eval=asu_paper; without --nli-model
+                   they leave the entailment score out, without --embedding-model the cosine,
+                   and every report says so in the column titles)
   eval_teacher_<row>  for an ASU row, after its grid: the target scored as that row's
                    forget-teacher (experiment=eval/tofu/asu_teacher at the τ and layers its first
                    run used), the forgetting that distilling from it can reach
@@ -60,10 +63,31 @@ METHODS = {
     "ASU_KL": ("unlearn/tofu/asu", ["trainer.method_args.retain_loss_type=KL"], 1e-5),
     "SOGradDiff": ("unlearn/tofu/sograddiff", [], 5e-6),
     "SIMU": ("unlearn/tofu/simu", [], 5e-6),
+    # the ASU paper's baselines (configs/experiment/unlearn/tofu/paper/ME_GD, IDK_AP) on the
+    # harness's TOFU experiment, so that they read this benchmark's data like every other row
+    "ME_GD": (
+        "unlearn/tofu/default",
+        ["trainer=ME", "trainer.method_args.retain_loss_type=NLL"],
+        1e-5,
+    ),
+    "IDK_AP": (
+        "unlearn/tofu/default",
+        [
+            "trainer=IDK",
+            "trainer.method_args.retain_loss_type=AP",
+            "data/datasets@data.forget=TOFU_QA_forget_idk",
+            "~data.forget.TOFU_QA_forget",
+            "data.forget.TOFU_QA_forget_idk.args.hf_args.name=${forget_split}",
+            "data/datasets@data.retain=TOFU_QA_retain_idk",
+            "~data.retain.TOFU_QA_retain",
+            "data.retain.TOFU_QA_retain_idk.args.hf_args.name=${retain_split}",
+        ],
+        1e-5,
+    ),  # fmt: skip
 }
 # the default rows, in the order they run: SOGradDiff and SIMU first (their grids answer the SIMU
 # paper's claim), then the headline rows
-DEFAULT_METHODS = ["SOGradDiff", "SIMU", "NPO", "ASU", "GradDiff", "ASU_tau2.3"]
+DEFAULT_METHODS = ["SOGradDiff", "SIMU", "NPO", "ASU", "GradDiff", "ASU_tau2.3", "ME_GD", "IDK_AP"]
 HEADLINE = ["GradDiff", "NPO", "ASU", "ASU_tau2.3"]  # rows run with every --seeds seed
 # (row, baseline) pairs compared where their forgetting matches
 EQUAL_FORGETTING = [("SIMU", "SOGradDiff")]
@@ -87,6 +111,23 @@ COLUMNS = [
     ("token entropy", "token_entropy", True),
     ("empty answers", "empty_share", False),
 ]
+PAPER_SUMMARY = "ASU_PAPER_SUMMARY.json"  # eval=asu_paper's values, beside TOFU_SUMMARY.json
+PAPER_KEYS = ("paper_model_utility", "paper_forget_efficacy")
+
+
+def paper_columns(nli_model, embedding_model):
+    """The ASU paper's Model Utility / Forget Efficacy columns, titled with what they leave out
+    (the paper's numbers need both scoring models)."""
+    missing = [
+        name
+        for name, model in (("entailment", nli_model), ("cosine", embedding_model))
+        if model is None
+    ]
+    label = f" (no {', no '.join(missing)})" if missing else ""
+    return [
+        (f"paper Model Utility{label}", PAPER_KEYS[0], True),
+        (f"paper Forget Efficacy{label}", PAPER_KEYS[1], True),
+    ]
 
 
 def parse_args(argv=None):
@@ -108,6 +149,16 @@ def parse_args(argv=None):
     p.add_argument("--unlearn-epochs", type=float, default=5)
     p.add_argument(
         "--max-new-tokens", type=int, default=48, help="ROUGE generations (harness: 200)"
+    )
+    p.add_argument(
+        "--nli-model",
+        default=None,
+        help="NLI model (path or cached hub id) for the paper's entailment score; none: left out",
+    )
+    p.add_argument(
+        "--embedding-model",
+        default=None,
+        help="sentence-transformers model for the paper's cosine similarity; none: left out",
     )
     arguments.add_run_arguments(p, METHODS, DEFAULT_METHODS, HEADLINE, CURVES)
     args = p.parse_args(argv)
@@ -135,6 +186,7 @@ class Pipeline(pipeline.Pipeline):
         super().__init__(args)
         self.split = args.forget_split
         self.holdout = self.split.replace("forget", "holdout")
+        self.columns = COLUMNS + paper_columns(args.nli_model, args.embedding_model)
 
     # -- data and harness calls ----------------------------------------------------------------
     def eval_overrides(self, model_path, name, with_reference):
@@ -154,7 +206,27 @@ class Pipeline(pipeline.Pipeline):
             f"paths.output_dir={self.work / 'evals' / name}",
             f"eval.tofu.batch_size={self.args.eval_batch_size}",
             *[f"eval.tofu.metrics.{m}.generation_args.max_new_tokens={n}" for m in rouge_metrics],
+            *self.paper_eval_overrides(),
         ]
+
+    def paper_eval_overrides(self):
+        """The ASU paper's evaluator beside the harness's TOFU one (its rows: every scored row of
+        this benchmark's data, the same answer length)."""
+        a = self.args
+        return [
+            "eval=[tofu,asu_paper]",
+            f"eval.asu_paper.forget_split={self.split}",
+            f"eval.asu_paper.batch_size={a.eval_batch_size}",
+            f"eval.asu_paper.max_new_tokens={a.max_new_tokens}",
+            f"eval.asu_paper.nli_model={a.nli_model or 'null'}",
+            f"eval.asu_paper.embedding_model={a.embedding_model or 'null'}",
+        ]
+
+    def summary(self, name):
+        """TOFU_SUMMARY.json with the paper's values (ASU_PAPER_SUMMARY.json) merged in."""
+        summary = super().summary(name)
+        paper = self.work / "evals" / name / PAPER_SUMMARY
+        return {**summary, **(read_json(paper) if paper.is_file() else {})}
 
     def build_data(self):
         src = self.args.data / "locuslab" / "TOFU"
@@ -232,8 +304,28 @@ class Pipeline(pipeline.Pipeline):
         return ordered[0].get("input", ""), [item["generation"] for item in ordered]
 
     def settings(self):
-        """The shared settings, TOFU's forget split first."""
-        return {"forget_split": self.args.forget_split, **super().settings()}
+        """The shared settings, TOFU's forget split first, and the paper's scoring models."""
+        scorers = {"nli_model": self.args.nli_model, "embedding_model": self.args.embedding_model}
+        return {"forget_split": self.args.forget_split, **super().settings(), "paper": scorers}
+
+    def notes(self, result):
+        scorers = result["settings"].get("paper") or {}
+        left_out = [
+            f"the {what} ({key} none)"
+            for what, key in (("entailment score", "nli_model"), ("cosine similarity", "embedding_model"))
+            if scorers.get(key) is None
+        ]  # fmt: skip
+        used = [f"{key} {value}" for key, value in scorers.items() if value is not None]
+        text = (
+            "The paper's Model Utility / Forget Efficacy (eval=asu_paper, docs/asu_paper.md) on "
+            "this benchmark's rows, with answers of at most --max-new-tokens tokens"
+        )
+        text += f", scored with {', '.join(used)}" if used else ""
+        if left_out:
+            text += (
+                f"; they leave out {' and '.join(left_out)}, so they are not the paper's numbers"
+            )
+        return [text + "."]
 
     def goal(self, rows):
         """ASU's target on this benchmark (seed means): <= 5 % empty answers, token entropy >= 0.9,

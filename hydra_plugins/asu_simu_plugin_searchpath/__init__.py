@@ -3,7 +3,8 @@
 Hydra imports every `hydra_plugins.*` module at start-up, in every Hydra application. This one
 1. appends our configs (`trainer/ASU.yaml`, `experiment/unlearn/tofu/asu.yaml`, ...) to the search
    path at the lowest priority, so they can never shadow a harness file; and
-2. registers our trainers / model handlers into the harness registries, but only when the
+2. registers our trainers, model handlers, optimizers, metrics and evaluator (the ASU paper's
+   measures, `eval=asu_paper`) into the harness registries, but only when the
    running program is open-unlearning's own `src/train.py` or `src/eval.py`. Any other Hydra
    application is left untouched, and nothing here may break one (errors become warnings).
    In `src/train.py` it also checks our trainers' method arguments before the model loads
@@ -71,7 +72,8 @@ def _register_with_harness() -> None:
     except Exception as error:  # never break the harness because of us
         warnings.warn(
             f"asu-simu-plugin could not register its trainers with open-unlearning ({error!r}); "
-            f"trainer={'/'.join(_offered_names())} will be unavailable in this run",
+            f"trainer={'/'.join(_offered_names())} and the ASU paper's metrics (eval=asu_paper) "
+            "will be unavailable in this run",
             stacklevel=1,
         )
 
