@@ -254,12 +254,19 @@ class SophiaMixin:
                     p.grad = grad
         self._hessian_updates += 1
 
-    def stop_if_nonfinite_hessian_pass(self, losses, model) -> None:
+    def stop_if_nonfinite_hessian_pass(self, losses, model=None, partitions=None) -> None:
         """Raise `NonFiniteTrainingError` naming the step when the Hessian pass's loss or
         gradients are non-finite, before anything is folded into the Hessian EMA (every rank
-        takes the same decision). `model`: the unwrapped model holding the pass's gradients."""
+        takes the same decision). The gradients: those of `model` (the unwrapped model), or under
+        ZeRO `partitions`, this rank's gradient partitions (DeepSpeed keeps `p.grad` empty)."""
         loss = float(torch.stack(losses).sum()) if losses else 0.0
-        bad = [] if not math.isfinite(loss) else nonfinite_gradients(model)
+        if not math.isfinite(loss):
+            bad = []
+        elif partitions is not None:
+            count = sum(not bool(torch.isfinite(g).all()) for g in partitions)
+            bad = [f"{count} gradient partition(s) of this process"] if count else []
+        else:
+            bad = nonfinite_gradients(model)
         if not self._any_rank(not math.isfinite(loss) or bool(bad)):
             return
         if not math.isfinite(loss):
@@ -300,15 +307,18 @@ class SophiaMixin:
         DeepSpeed's gradients are cleared again."""
         engine = zero.engine_of(self)
         boundary = getattr(engine, "_is_gradient_accumulation_boundary", None)
+        losses = []
         try:
             for index, part in enumerate(parts):
                 engine.set_gradient_accumulation_boundary(index == len(parts) - 1)
                 loss = self._sampled_label_loss(engine, part) * scale
                 engine.backward(loss, scale_wrt_gas=False)
+                losses.append(loss.detach())
         finally:
             engine.set_gradient_accumulation_boundary(boundary)
         grads = zero.hessian_gradients(self, unwrap_model(self.model))
         zero.discard_gradients(engine)
+        self.stop_if_nonfinite_hessian_pass(losses, partitions=list(grads.values()))
         flats = [p for group in zero.flat_partitions(self) for p in group]
         if self.args.max_grad_norm:
             squares = sum((g.float() ** 2).sum() for g in grads.values())
