@@ -45,6 +45,7 @@ from asu_simu_plugin.data import PadCollator, QADataset
 from asu_simu_plugin.diagnostics import machine_info
 from asu_simu_plugin.methods.base import model_inputs
 from asu_simu_plugin.methods.simu import attribution as neurons
+from asu_simu_plugin.methods.simu.masks import save_masks
 from asu_simu_plugin.runner import RunSettings, build_trainer
 from benchmarks.perf.measure import PeakMemory, StepTimer, mib, summary
 
@@ -214,7 +215,7 @@ def simu_masks(model, tokenizer, forget, args, workdir) -> tuple[dict, str]:
         seconds = time.perf_counter() - start
     masks = neurons.critical_neuron_masks(scores, 0.3)
     path = workdir / "simu_masks.safetensors"
-    neurons.save_masks(masks, path, model=model)
+    save_masks(masks, path, model=model)
     critical = sum(int(m.sum()) for m in masks.values())
     check = {
         "ok": critical > 0,
