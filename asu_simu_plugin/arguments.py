@@ -174,13 +174,19 @@ def plain_values(values) -> dict:
     """A plain dict of plain values (OmegaConf containers become dicts and lists)."""
     if values is None:
         return {}
-    if type(values).__module__.startswith("omegaconf"):
-        from omegaconf import OmegaConf
-
-        values = OmegaConf.to_container(values, resolve=True)
+    values = _plain(values)
     if not isinstance(values, dict):
         raise MethodArgumentError(f"method arguments must be a mapping (got {values!r})")
-    return {str(k): v for k, v in values.items()}
+    # the harness passes `method_args` as keywords: a dict whose values may be OmegaConf lists
+    return {str(k): _plain(v) for k, v in values.items()}
+
+
+def _plain(value):
+    if type(value).__module__.startswith("omegaconf"):
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(value, resolve=True)
+    return value
 
 
 def _default(f):

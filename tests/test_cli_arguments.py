@@ -92,6 +92,9 @@ def test_omegaconf_values_become_plain_ones():
     values = OmegaConf.create({"betas": [0.9, 0.95], "hessian_mode": "grad2"})
     parsed = SOGradDiffArguments.from_values(values)
     assert parsed.betas == [0.9, 0.95] and isinstance(parsed.betas, list)
+    # as the harness passes them: keywords whose values are OmegaConf containers
+    keywords = {"betas": OmegaConf.create([0.9, 0.95]), "tau_sweep": None}
+    assert SOGradDiffArguments.from_values({"betas": keywords["betas"]}).betas == [0.9, 0.95]
     guard = OmegaConf.create({"collapse_guard": {"sample": 0}})
     with pytest.raises(MethodArgumentError, match="collapse_guard.sample must be"):
         ASUArguments.from_values(guard)

@@ -19,6 +19,14 @@ pytestmark = pytest.mark.harness
 def test_diverging_harness_run_fails_and_saves_no_model(tmp_path):
     checkout, python = harness_paths()
     model = save_tiny_harness_model(tmp_path / "model")
+    # a NaN in the final norm: every loss is NaN from the first step (a NaN method argument is
+    # refused before the model loads, tests/test_harness_arguments.py)
+    poison = (
+        "import sys; from safetensors.torch import load_file, save_file; p = sys.argv[1]; "
+        "sd = load_file(p); sd['model.norm.weight'][0] = float('nan'); "
+        "save_file(sd, p, metadata={'format': 'pt'})"
+    )
+    subprocess.run([python, "-c", poison, str(model / "model.safetensors")], check=True)
     out = tmp_path / "run"
     result = subprocess.run(
         [
@@ -26,8 +34,7 @@ def test_diverging_harness_run_fails_and_saves_no_model(tmp_path):
             str(checkout / "src" / "train.py"),
             "--config-name=unlearn.yaml",
             "experiment=unlearn/tofu/default",
-            "trainer=ASU",
-            "trainer.method_args.alpha=nan",
+            "trainer=SOGradDiff",
             "task_name=diverge",
             *model_overrides(model),
             *CPU_TRAIN_OVERRIDES,
