@@ -526,17 +526,20 @@ INSTALLED_SCRIPT = """
 import json, logging
 logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
 from importlib.metadata import entry_points
-import model, trainer
+import evals, model, trainer
+from evals import metrics
 from open_unlearning_plugins import load_entry_points
-ours = {ep.name: ep.value for kind in ("trainers", "optimizers", "models")
-        for ep in entry_points(group="open_unlearning." + kind)
+groups = {"trainers": trainer.TRAINER_REGISTRY, "optimizers": trainer.OPTIMIZER_REGISTRY,
+          "models": model.MODEL_REGISTRY, "metrics": metrics.METRICS_REGISTRY,
+          "evaluators": evals.EVALUATOR_REGISTRY}
+ours = {ep.name: ep for kind in groups for ep in entry_points(group="open_unlearning." + kind)
         if ep.value.startswith("asu_simu_plugin.")}
-load_entry_points("trainers", trainer.TRAINER_REGISTRY)
-load_entry_points("optimizers", trainer.OPTIMIZER_REGISTRY)
-load_entry_points("models", model.MODEL_REGISTRY)
-registries = {**trainer.TRAINER_REGISTRY, **trainer.OPTIMIZER_REGISTRY, **model.MODEL_REGISTRY}
-found = {name: registries[name].__module__ + ":" + name for name in ours if name in registries}
+for kind, registry in groups.items():
+    load_entry_points(kind, registry)
+registries = {k: v for registry in groups.values() for k, v in registry.items()}
+found = {name: ep.value for name, ep in ours.items() if registries.get(name) is ep.load()}
 from asu_simu_plugin import harness
+ours = {name: ep.value for name, ep in ours.items()}
 print("RESULT " + json.dumps({"ours": ours, "found": found, "again": harness.register()}))
 """
 
