@@ -256,14 +256,15 @@ MODES = {"gnb": {"hessian_mode": "gnb"}, "soul": {"soul_compat": True}}
 
 
 # -- masks -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("foreach", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["gnb", "soul"])
-def test_masked_entries_stay_bit_identical_with_weight_decay(dtype, mode):
+def test_masked_entries_stay_bit_identical_with_weight_decay(dtype, mode, foreach):
     torch.manual_seed(0)
     start = torch.randn(5, 6).to(dtype)
     masked = torch.nn.Parameter(start.clone())
     plain = torch.nn.Parameter(start.clone())
-    options = dict(lr=1e-2, weight_decay=0.5, rho=0.04, bs=4, **MODES[mode])
+    options = dict(lr=1e-2, weight_decay=0.5, rho=0.04, bs=4, foreach=foreach, **MODES[mode])
     masked_opt, plain_opt = SophiaG([masked], **options), SophiaG([plain], **options)
     _random_run(masked_opt, [masked], 4)  # momentum and Hessian become nonzero first
     _random_run(plain_opt, [plain], 4)
@@ -293,12 +294,13 @@ def test_masked_entries_stay_bit_identical_with_weight_decay(dtype, mode):
 
 
 # -- checkpoints -----------------------------------------------------------------------------
+@pytest.mark.parametrize("foreach", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["gnb", "soul"])
-def test_resume_from_state_dict_is_bit_identical(dtype, mode):
+def test_resume_from_state_dict_is_bit_identical(dtype, mode, foreach):
     torch.manual_seed(1)
     init = [torch.randn(4, 3).to(dtype), torch.randn(3).to(dtype)]
-    options = dict(lr=1e-2, weight_decay=0.1, bs=16, **MODES[mode])
+    options = dict(lr=1e-2, weight_decay=0.1, bs=16, foreach=foreach, **MODES[mode])
 
     def fresh(values):
         params = [torch.nn.Parameter(v.clone()) for v in values]
