@@ -29,6 +29,7 @@ import argparse
 import datetime as dt
 import json
 import math
+import shlex
 import statistics
 import sys
 import tempfile
@@ -317,8 +318,8 @@ def main(argv=None) -> int:
     base = runs[BASELINE]
     result = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": " ".join(
-            ["python -m benchmarks.gpu_smoke", *(sys.argv[1:] if argv is None else argv)]
+        "command": shlex.join(
+            ["python", "-m", "benchmarks.gpu_smoke", *(sys.argv[1:] if argv is None else argv)]
         ),
         "machine": {**machine_info(), "device": str(device), "device_name": device_name(device)},
         "versions": versions(),

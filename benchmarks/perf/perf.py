@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import shlex
 import statistics
 import sys
 import tempfile
@@ -416,7 +417,7 @@ def main(argv=None):
     given = sys.argv[1:] if argv is None else list(argv)
     result = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": " ".join(["python -m benchmarks.perf.perf", *given]),
+        "command": shlex.join(["python", "-m", "benchmarks.perf.perf", *given]),
         "machine": {
             **machine_info(),
             "device": device.type,
