@@ -122,7 +122,8 @@ def check_readable_file(name, value, *, optional=True):
         raise MethodArgumentError(f"{name}: {value} is not readable (check its permissions)")
 
 
-def _help(text: str) -> dict:
+def help_text(text: str) -> dict:
+    """A dataclass field's metadata: its help (shown by `asu-simu unlearn --help`)."""
     return {"help": text}
 
 
@@ -199,11 +200,11 @@ class GradDiffArguments(MethodArguments):
 
     RETAIN_LOSS_TYPES = ("NLL", "KL", "KL_ALL")
 
-    gamma: float = field(default=1.0, metadata=_help("forget-loss weight (>= 0)"))
-    alpha: float = field(default=1.0, metadata=_help("retain-loss weight (>= 0)"))
+    gamma: float = field(default=1.0, metadata=help_text("forget-loss weight (>= 0)"))
+    alpha: float = field(default=1.0, metadata=help_text("retain-loss weight (>= 0)"))
     retain_loss_type: str = field(
         default="NLL",
-        metadata=_help(
+        metadata=help_text(
             "retain loss: NLL | KL (to the original, answer tokens) | KL_ALL (every position)"
         ),
     )
@@ -224,7 +225,7 @@ class GradDiffArguments(MethodArguments):
 class NPOArguments(GradDiffArguments):
     """The harness's NPO: GradDiff's plus the NPO inverse temperature."""
 
-    beta: float = field(default=1.0, metadata=_help("NPO beta (> 0)"))
+    beta: float = field(default=1.0, metadata=help_text("NPO beta (> 0)"))
 
     def __post_init__(self):
         super().__post_init__()

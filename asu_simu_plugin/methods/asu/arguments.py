@@ -15,12 +15,8 @@ from asu_simu_plugin.arguments import (
     check_layers_exist,
     check_number,
     check_regexes,
+    help_text,
 )
-
-
-def _help(text: str) -> dict:
-    return {"help": text}
-
 
 TEACHER_EOS = ("keep", "suppress")
 
@@ -33,41 +29,45 @@ class ASUArguments(GradDiffArguments):
     FORGET_LOSS_TYPES = ("KL", "EMBED_MSE")
 
     temperature: float | str = field(
-        default=2.3, metadata=_help('forget-teacher attention temperature tau (> 0), or "auto"')
+        default=2.3, metadata=help_text('forget-teacher attention temperature tau (> 0), or "auto"')
     )
     layers: list[int] | str | None = field(
-        default=None, metadata=_help('0-based decoder layers to smooth; null = all, or "auto"')
+        default=None, metadata=help_text('0-based decoder layers to smooth; null = all, or "auto"')
     )
-    forget_loss_type: str = field(default="KL", metadata=_help("KL | EMBED_MSE (WMDP variant)"))
-    embed_layer: int = field(default=7, metadata=_help("layer whose hidden states EMBED_MSE uses"))
+    forget_loss_type: str = field(default="KL", metadata=help_text("KL | EMBED_MSE (WMDP variant)"))
+    embed_layer: int = field(
+        default=7, metadata=help_text("layer whose hidden states EMBED_MSE uses")
+    )
     trainable_params_regex: list[str] | str | None = field(
-        default=None, metadata=_help("regexes of parameter names to train; null = all")
+        default=None, metadata=help_text("regexes of parameter names to train; null = all")
     )
     teacher_eos: str = field(
         default="keep",
-        metadata=_help("keep | suppress: drop the teacher's end-of-answer tokens mid-answer"),
+        metadata=help_text("keep | suppress: drop the teacher's end-of-answer tokens mid-answer"),
     )
     tau_sweep: dict | None = field(
-        default=None, metadata=_help('settings of temperature/layers "auto" (null = defaults)')
+        default=None, metadata=help_text('settings of temperature/layers "auto" (null = defaults)')
     )
     collapse_guard: dict | bool | None = field(
-        default=None, metadata=_help("settings of the silent-teacher check; false = off")
+        default=None, metadata=help_text("settings of the silent-teacher check; false = off")
     )
     teacher_cache: bool = field(
-        default=False, metadata=_help("compute the teacher's outputs once, reuse every epoch")
+        default=False, metadata=help_text("compute the teacher's outputs once, reuse every epoch")
     )
     teacher_cache_dtype: str = field(
-        default="float16", metadata=_help("storage of the caches: float16 | bfloat16 | float32")
+        default="float16", metadata=help_text("storage of the caches: float16 | bfloat16 | float32")
     )
     reference_cache: bool = field(
         default=False,
-        metadata=_help("retain_loss_type KL: the original's retain outputs computed once, cached"),
+        metadata=help_text(
+            "retain_loss_type KL: the original's retain outputs computed once, cached"
+        ),
     )
     module_regex: str | None = field(
-        default=None, metadata=_help("RMU key of the harness's WMDP experiment (unused)")
+        default=None, metadata=help_text("RMU key of the harness's WMDP experiment (unused)")
     )
     steering_coeff: float | None = field(
-        default=None, metadata=_help("RMU key of the harness's WMDP experiment (unused)")
+        default=None, metadata=help_text("RMU key of the harness's WMDP experiment (unused)")
     )
 
     def __post_init__(self):

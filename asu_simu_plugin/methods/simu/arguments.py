@@ -10,6 +10,7 @@ from asu_simu_plugin.arguments import (
     check_choice,
     check_integer,
     check_readable_file,
+    help_text,
 )
 from asu_simu_plugin.methods.simu.attribution import check_threshold
 from asu_simu_plugin.methods.simu.masks import (
@@ -21,10 +22,6 @@ from asu_simu_plugin.methods.simu.masks import (
 from asu_simu_plugin.methods.sophia import SOGradDiffArguments
 
 
-def _help(text: str) -> dict:
-    return {"help": text}
-
-
 @dataclass
 class SIMUArguments(SOGradDiffArguments):
     """SIMU (`SIMUMixin`): neuron attribution and masks, on SOGradDiff's arguments."""
@@ -34,24 +31,27 @@ class SIMUArguments(SOGradDiffArguments):
     ATTRIBUTIONS = ("per_token", "sequence")
 
     steps: int = field(
-        default=5, metadata=_help("integrated-gradients Riemann steps (>= 1; the paper uses 5)")
+        default=5, metadata=help_text("integrated-gradients Riemann steps (>= 1; the paper uses 5)")
     )
     threshold: float = field(
-        default=0.3, metadata=_help("critical iff attribution > threshold * layer max; (0, 1)")
+        default=0.3, metadata=help_text("critical iff attribution > threshold * layer max; (0, 1)")
     )
-    mode: str = field(default="dual", metadata=_help("dual | forget_only (drop retain-critical)"))
+    mode: str = field(
+        default="dual", metadata=help_text("dual | forget_only (drop retain-critical)")
+    )
     attribution: str = field(
         default="per_token",
-        metadata=_help("per_token (one sample per answer token, the paper) | sequence"),
+        metadata=help_text("per_token (one sample per answer token, the paper) | sequence"),
     )
     mask_path: str | None = field(
-        default=None, metadata=_help("reuse a saved simu_masks.safetensors instead of attributing")
+        default=None,
+        metadata=help_text("reuse a saved simu_masks.safetensors instead of attributing"),
     )
     attribution_batch_size: int | None = field(
-        default=None, metadata=_help("attribution batch size; null = the training batch size")
+        default=None, metadata=help_text("attribution batch size; null = the training batch size")
     )
     attribution_max_batches: int | None = field(
-        default=None, metadata=_help("attribute on the first N batches only; null = all")
+        default=None, metadata=help_text("attribute on the first N batches only; null = all")
     )
 
     def __post_init__(self):

@@ -11,11 +11,8 @@ from asu_simu_plugin.arguments import (
     check_choice,
     check_integer,
     check_number,
+    help_text,
 )
-
-
-def _help(text: str) -> dict:
-    return {"help": text}
 
 
 @dataclass
@@ -25,18 +22,19 @@ class SophiaArguments(MethodArguments):
     HESSIAN_MODES = ("gnb", "grad2")
 
     betas: tuple[float, float] = field(
-        default=(0.965, 0.99), metadata=_help("SophiaG (beta1, beta2), each in [0, 1)")
+        default=(0.965, 0.99), metadata=help_text("SophiaG (beta1, beta2), each in [0, 1)")
     )
-    rho: float = field(default=0.04, metadata=_help("SophiaG clipping scale (> 0)"))
+    rho: float = field(default=0.04, metadata=help_text("SophiaG clipping scale (> 0)"))
     hessian_mode: str = field(
-        default="gnb", metadata=_help("gnb (Sophia-G, sampled labels) | grad2 (SOUL)")
+        default="gnb", metadata=help_text("gnb (Sophia-G, sampled labels) | grad2 (SOUL)")
     )
     hessian_interval: int = field(
-        default=10, metadata=_help("gnb: refresh the Hessian every k optimizer steps (>= 1)")
+        default=10, metadata=help_text("gnb: refresh the Hessian every k optimizer steps (>= 1)")
     )
-    soul_compat: bool = field(default=False, metadata=_help("SOUL's quirks (grad2 only)"))
+    soul_compat: bool = field(default=False, metadata=help_text("SOUL's quirks (grad2 only)"))
     sophia_bs: int | None = field(
-        default=None, metadata=_help("Sophia bs; null = sampled label tokens (gnb) / 5120 (grad2)")
+        default=None,
+        metadata=help_text("Sophia bs; null = sampled label tokens (gnb) / 5120 (grad2)"),
     )
 
     def __post_init__(self):
