@@ -268,18 +268,3 @@ def critical_neuron_masks(
             mask &= ~critical(retain, layer_id, "retain")
         masks[layer_id] = mask
     return masks
-
-
-@contextlib.contextmanager
-def full_parameters(params):
-    """Whole parameters for the duration: under DeepSpeed ZeRO-3 (parameters partitioned across
-    ranks) they are gathered with `deepspeed.zero.GatheredParameters`, read-only; otherwise, and
-    when deepspeed is not installed, nothing happens (peft's `gather_params_ctx` pattern)."""
-    params = list(params)
-    if not any(hasattr(p, "ds_id") for p in params):
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        yield

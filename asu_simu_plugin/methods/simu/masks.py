@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from asu_simu_plugin.arch import decoder_layers, down_projection, unwrap_model
-from asu_simu_plugin.methods.simu.attribution import full_parameters
+from asu_simu_plugin.zero import whole_parameters
 
 FIX = "rerun the attribution or point mask_path at another file"
 
@@ -60,7 +60,7 @@ def model_record(model) -> dict:
     projections = [down_projection(layer) for layer in decoder_layers(model)]
     widths = [proj.in_features for proj in projections]
     digest = hashlib.sha256()
-    with full_parameters(proj.weight for proj in projections):
+    with whole_parameters([proj.weight for proj in projections]):
         for proj in projections:
             weight = proj.weight.detach()
             flat = weight.reshape(-1)

@@ -27,7 +27,6 @@ from asu_simu_plugin.arch import (
 from asu_simu_plugin.lora import is_lora_model
 from asu_simu_plugin.methods.simu.attribution import (
     critical_neuron_masks,
-    full_parameters,
     neuron_attributions,
 )
 from asu_simu_plugin.methods.simu.masks import (
@@ -39,6 +38,7 @@ from asu_simu_plugin.methods.simu.masks import (
     save_masks,
 )
 from asu_simu_plugin.methods.sophia.trainer import SophiaMixin
+from asu_simu_plugin.zero import whole_parameters
 
 MASK_FILE = "simu_masks"
 
@@ -114,7 +114,7 @@ class SIMUMixin(SophiaMixin):
 
     def _attribute(self, dataset) -> dict[int, torch.Tensor]:
         model = unwrap_model(self.model)
-        with full_parameters(model.parameters()):
+        with whole_parameters(model):
             return neuron_attributions(
                 model,
                 self._attribution_batches(dataset),
