@@ -9,6 +9,8 @@ runs with different process counts see the same labels. Other keys: `"partitione
 (the student loaded by `from_pretrained` under ZeRO-3's zero.Init), `"nan_gradient_at_step": k`
 (optimizer step k gets NaN gradients while its loss stays finite; the run's
 NonFiniteTrainingError is recorded, with the parameters' digest then and after every step),
+`"nan_hessian_pass_at_step": k` (Sophia-G's Hessian pass after optimizer step k computes NaN
+logits, so its sampled-label loss is NaN; recorded as for `nan_gradient_at_step`),
 `"resume"` (a checkpoint folder to resume from), `"resume_attempts"` (folders to resume from
 first, each with a fresh trainer: the UnsafeCheckpointError of each is recorded),
 `"frozen_copy_trials": n` (with a partitioned student: the trainer built n times, each time
@@ -84,15 +86,41 @@ def nan_gradients_at(trainer, module, step: int) -> None:
     module.register_forward_hook(hook)
 
 
+def nan_hessian_pass_at(trainer, module, step: int) -> None:
+    """The Hessian pass that follows optimizer step `step` sees NaN outputs of `module`."""
+    inside = []
+    update = trainer.gauss_newton_bartlett_update
+
+    def poisoned_update(*args, **kwargs):
+        inside.append(trainer.state.global_step == step)
+        try:
+            return update(*args, **kwargs)
+        finally:
+            inside.pop()
+
+    def hook(_module, _args, output):
+        if not (inside and inside[-1]):
+            return output
+        hidden = output[0] if isinstance(output, tuple) else output
+        nan = hidden * float("nan")
+        return (nan, *output[1:]) if isinstance(output, tuple) else nan
+
+    trainer.gauss_newton_bartlett_update = poisoned_update
+    module.register_forward_hook(hook)
+
+
 class StepDigests(TrainerCallback):
     """The parameters' digest after every optimizer step (index 0: before training)."""
 
     def __init__(self, model):
         self.digests = [digest(p for _, p in model.named_parameters())]
+        self.hessians = [None]  # the Hessian EMA's digest after every step (Sophia)
         self.trainer = None
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.digests.append(digest(full_state(self.trainer)[0].values()))
+        params, hessians, _ = full_state(self.trainer)
+        self.digests.append(digest(params.values()))
+        self.hessians.append(digest(hessians[k] for k in sorted(hessians)) if hessians else None)
 
 
 def frozen_copy_mismatches(make_trainer, method_args, folder) -> int:
@@ -189,11 +217,15 @@ def main(out: str, spec: dict) -> None:
             refusals[folder] = str(refused)
         del attempt
         gc.collect()
-    steps = StepDigests(model) if spec.get("nan_gradient_at_step") else None
+    poisoned = spec.get("nan_gradient_at_step") or spec.get("nan_hessian_pass_at_step")
+    steps = StepDigests(model) if poisoned else None
     trainer = make_trainer(model, spec["method_args"], [steps] if steps else None)
     if steps:
         steps.trainer = trainer
+    if spec.get("nan_gradient_at_step"):
         nan_gradients_at(trainer, model.model.layers[0].mlp, spec["nan_gradient_at_step"])
+    if spec.get("nan_hessian_pass_at_step"):
+        nan_hessian_pass_at(trainer, model.model.layers[0].mlp, spec["nan_hessian_pass_at_step"])
     if spec.get("leave_group_open"):
         # as the harness's src/train.py, which never closes its process group: record whether
         # it is still open at exit, after the handlers `train()` registered (atexit is LIFO)
@@ -212,6 +244,8 @@ def main(out: str, spec: dict) -> None:
         "frozen_copy_mismatches": copy_mismatches,
         "refusals": refusals,
         "step_params": steps.digests if steps else None,
+        "step_hessians": steps.hessians if steps else None,
+        "hessian": digest(hessians[k] for k in sorted(hessians)) if hessians else None,
         "params": digest(named.values()),
         "optimizer_state": digest(state),
         "log_history": trainer.state.log_history,

@@ -12,9 +12,11 @@ import shutil
 import subprocess
 
 import pytest
+import torch
 
 from .distributed_support import (
     deepspeed_launch,
+    final_tensors,
     numactl_available,
     quiet_env,
     require_deepspeed,
@@ -66,6 +68,37 @@ def test_nonfinite_gradients_stop_before_deepspeeds_step(tmp_path, stage, bad_st
     assert ranks[0]["step_params"] == ranks[1]["step_params"]
     if bad_step > 1:  # the good steps did train
         assert ranks[0]["step_params"][-1] != ranks[0]["step_params"][0]
+
+
+# -- a non-finite Hessian pass (Sophia-G) -----------------------------------------------------------
+HESSIAN_MESSAGE = (
+    "training diverged at optimizer step 2: the sampled-label loss of the Hessian pass is nan "
+    "(the Hessian estimate was left unchanged). Stopped without saving a model."
+)
+
+
+@pytest.mark.parametrize("stage", [2, pytest.param(3, marks=pytest.mark.slow)])
+def test_nonfinite_hessian_pass_stops_before_the_estimate_under_zero(tmp_path, stage):
+    """SOGradDiff with the Gauss-Newton-Bartlett Hessian every step: when the pass after step 2
+    is NaN, training stops naming step 2, and the Hessian EMA is the one step 1 left, bit for bit,
+    on every rank."""
+    needs_numactl(stage)
+    spec = {
+        "method": "sograddiff",
+        "method_args": {"hessian_mode": "gnb", "hessian_interval": 1},
+        "nan_hessian_pass_at_step": 2,
+        "settings": {"epochs": 1, "batch_size": 1, "learning_rate": 1e-3, "max_steps": 3},
+    }
+    ranks = deepspeed_launch(tmp_path, spec, stage)
+    for record in ranks:
+        assert record["error"].startswith(HESSIAN_MESSAGE)
+        # digests at the end of steps 1 and 2, each taken before that step's Hessian pass
+        before_pass_1, before_pass_2 = record["step_hessians"][1:]
+        assert before_pass_1 != before_pass_2 == record["hessian"]  # pass 1 counted, 2 did not
+    assert ranks[0]["hessian"] == ranks[1]["hessian"]
+    hessian = [v for k, v in final_tensors(tmp_path).items() if k.startswith("hessian/")]
+    assert all(bool(torch.isfinite(h).all()) for h in hessian)
+    assert sum(float(h.sum()) for h in hessian) > 0  # step 1's estimate is there
 
 
 # -- resuming from a DeepSpeed checkpoint ----------------------------------------------------------
