@@ -36,7 +36,7 @@ class SophiaG(Optimizer):
       folds the current ``.grad`` squared in. Call it right after back-propagating the mean
       cross-entropy of labels sampled from the model (every k = 10 steps in the paper). Until the
       first estimate, h = 0 and every coordinate takes a sign step of size ``lr``, so choose this
-      mode only with such a pass (SOGradDiff / SONPO / SIMU with ``hessian_mode: gnb`` run it).
+      mode only with such a pass (the Sophia trainers with ``hessian_mode: gnb`` run it).
 
     ``bs`` is the number of labels behind the estimate: the stored EMA lacks that factor and it is
     applied at step time, as in the reference, unless it is given to ``update_hessian(bs=...)``,
