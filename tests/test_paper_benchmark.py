@@ -4,7 +4,9 @@ out) and rows (the paper's ME+GD and IDK+AP baselines)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
+import pytest
 from test_benchmarks import fake_tree
 
 from benchmarks.tofu_mini import run
@@ -61,3 +63,22 @@ def test_summary_merges_the_paper_values_and_the_notes_name_the_scorers(tmp_path
     assert "scored with embedding_model /m/minilm" in note
     assert "leave out the entailment score (nli_model none)" in note
     assert "not the paper's numbers" in note
+
+
+def test_idk_rows_read_the_refusals_by_absolute_path(tmp_path):
+    """The harness runs in the data folder, where its `./data/idk.jsonl` does not exist: the IDK
+    row's forget and retain datasets get the file's path; without one, a one-line error."""
+    args = run.parse_args([*fake_tree(tmp_path), "--device", "cpu", "--methods", "IDK_AP"])
+    pipeline = run.Pipeline(args)
+    idk_run = pipeline.runs_of("IDK_AP")[0]
+    with pytest.raises(SystemExit, match=r"the IDK rows need the harness's refusals file"):
+        pipeline.unlearn_overrides(idk_run)
+    refusals = args.data / "idk.jsonl"
+    refusals.write_text('"I don\'t know."\n')
+    overrides = pipeline.unlearn_overrides(idk_run)
+    assert overrides[-2:] == [
+        f"data.forget.TOFU_QA_forget_idk.args.idk_path={refusals.resolve()}",
+        f"data.retain.TOFU_QA_retain_idk.args.idk_path={refusals.resolve()}",
+    ]
+    asu = pipeline.unlearn_overrides(replace(idk_run, row="ASU"))
+    assert not any("idk_path" in o for o in asu)

@@ -287,6 +287,24 @@ class Pipeline(pipeline.Pipeline):
         )
         return {"train_rows": train_name}
 
+    def unlearn_overrides(self, run):
+        """The harness's QAwithIdkDataset reads its refusals from `./data/idk.jsonl`, relative to
+        the working directory, which here is the data folder: IDK rows get the file's path."""
+        overrides = super().unlearn_overrides(run)
+        idk = [o.split("@", 1)[1].split("=") for o in overrides if o.endswith("_idk")]
+        return overrides + [f"{key}.{name}.args.idk_path={self.idk_file()}" for key, name in idk]
+
+    def idk_file(self) -> Path:
+        """The refusals: `<--data>/idk.jsonl`, else the harness checkout's `data/idk.jsonl`."""
+        candidates = [self.args.data / "idk.jsonl", Path(self.args.harness) / "data" / "idk.jsonl"]
+        for path in candidates:
+            if path.is_file():
+                return path.resolve()
+        raise SystemExit(
+            f"the IDK rows need the harness's refusals file idk.jsonl; put it at {candidates[0]} "
+            f"or {candidates[1]} (the harness's setup_data.py downloads it)"
+        )
+
     def unlearn_data_overrides(self):
         """The data every unlearning run reads: the forget split and the retain training rows."""
         return [
