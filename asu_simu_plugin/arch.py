@@ -14,7 +14,7 @@ from torch import nn
 
 # Attribute paths from a *ForCausalLM to its list of decoder layers, tried in order.
 _LAYER_PATHS = (
-    ("model", "layers"),  # Llama, Mistral, Qwen2/3, Phi-3, Gemma/Gemma-2, OLMo/OLMo-2
+    ("model", "layers"),  # Llama, Mistral, Qwen2/3, Phi-3, Gemma/Gemma-2, OLMo v1/OLMo-2
     ("model", "language_model", "layers"),  # multimodal wrappers (transformers >= 4.52)
     ("transformer", "h"),  # GPT-2 / GPT-J style
     ("gpt_neox", "layers"),
@@ -123,7 +123,7 @@ def query_site(attn: nn.Module, model: nn.Module) -> tuple[nn.Module, torch.Tens
             f"{name}: its attention adds ALiBi biases or attention sinks to the logits, which a "
             "scaled query does not divide, so the attention temperature cannot be exact there"
         )
-    if getattr(config, "clip_qkv", None) is not None:
+    if getattr(config, "clip_qkv", None) is not None and clipped_projections(attn) is None:
         raise TypeError(
             f"{name}: clip_qkv clamps the query after its projection, so scaling the query is not "
             "exact; use transformers >= 4.48, whose attention `scaling` is tempered instead"
@@ -153,6 +153,19 @@ def query_site(attn: nn.Module, model: nn.Module) -> tuple[nn.Module, torch.Tens
         f"cannot be applied exactly. Supported: attention modules with their own `scaling` "
         f"(transformers >= 4.48), or a query at {QUERY_SITES}."
     )
+
+
+def clipped_projections(attn: nn.Module) -> tuple[float, tuple[nn.Module, ...]] | None:
+    """`(clip, (q_proj, k_proj, v_proj))` where the attention clamps its query, key and value to
+    [-clip, clip] right after these projections, reading `clip` from its own `config.clip_qkv`
+    (OLMo v1); None where nothing is clamped or the layout is another. A hook can then do the
+    clamp itself (on a private config without it) and scale the clamped query exactly."""
+    config = vars(attn).get("config")
+    clip = getattr(config, "clip_qkv", None)
+    projections = tuple(getattr(attn, name, None) for name in ("q_proj", "k_proj", "v_proj"))
+    if clip is None or not all(isinstance(p, nn.Module) for p in projections):
+        return None
+    return float(clip), projections
 
 
 def _fused_query_mask(attn, config, fused, heads, head_dim, width) -> torch.Tensor | None:
@@ -196,7 +209,7 @@ def mlp(layer: nn.Module) -> nn.Module:
 def down_projection(layer: nn.Module) -> nn.Linear:
     """The MLP output projection whose *input* is the intermediate activation (SIMU's neurons).
 
-    Gated MLPs (Llama, Mistral, Qwen2, OLMo-2, Gemma) and fused gate/up (Phi-3) all name it
+    Gated MLPs (Llama, Mistral, Qwen2, OLMo v1 and 2, Gemma) and fused gate/up (Phi-3) all name it
     `down_proj`; anything else is refused with the class name so the user knows what is missing.
     """
     block = mlp(layer)

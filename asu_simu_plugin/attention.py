@@ -29,9 +29,13 @@ capped logits divided by τ. The cap is changed per layer: on the attention modu
 `attn_logit_softcapping` where it has one (transformers 5.x) or, where the module reads the
 config shared by all layers (4.45), on a private copy of the config given to that module only.
 
-Where neither route is exact (ALiBi biases or attention sinks added to the logits, a query clamped
-after its projection, an unknown fused layout) a TypeError names the model class; nothing is
-changed then. Every changed attribute is restored by `remove()` and inside `paused()`.
+OLMo v1 with `clip_qkv` clamps q, k and v right after their projections, so on the query route
+q/τ would be clamped at a different bound. There the clamp itself moves into hooks: the module gets
+a private copy of its config without `clip_qkv`, hooks on q_proj, k_proj, v_proj clamp their
+outputs to the same bound, and the query is scaled after its clamp: exactly clamp(q)/τ.
+
+Where neither route is exact (ALiBi biases or attention sinks added to the logits, an unknown
+fused layout) a TypeError names the model class; nothing is changed then. Every changed attribute is restored by `remove()` and inside `paused()`.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from torch import nn
 
 from asu_simu_plugin.arch import (
     QUERY_SITES,
+    clipped_projections,
     decoder_layers,
     query_site,
     resolve_layer_ids,
@@ -112,7 +117,8 @@ class AttentionTemperature:
         self.layers = layers
         self._model = model
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        # (attention module, attribute name, original value, tempered value): scale and soft-cap
+        # (attention module, attribute name, original value, tempered value): scale, soft-cap and
+        # a private config (soft-cap, clip_qkv) for modules that read the shared one
         self._attributes: list[tuple[nn.Module, str, object, object]] = []
         self.routes: dict[int, str] = {}  # layer id -> "scaling" or "query"
         self._pause_depth = 0
@@ -145,6 +151,13 @@ class AttentionTemperature:
                 self._attributes.append((attn, "scaling", scaling, scaling / self.temperature))
                 self.routes[layer_id] = "scaling"
             else:
+                clipped = clipped_projections(attn)
+                if clipped is not None:  # clamp in hooks first, so the scale follows the clamp
+                    clip, projections = clipped
+                    for projection in projections:
+                        hook = self._clamp_hook(clip)
+                        self._handles.append(projection.register_forward_hook(hook))
+                    self._private_config(attn, clip_qkv=None)
                 self._handles.append(module.register_forward_hook(self._query_hook(query_mask)))
                 self.routes[layer_id] = "query"
             self._plan_softcap(attn)
@@ -161,6 +174,24 @@ class AttentionTemperature:
 
         return scale_query
 
+    def _clamp_hook(self, clip: float):
+        def clamp(module, args, output):
+            return None if self._pause_depth else output.clamp(min=-clip, max=clip)
+
+        return clamp
+
+    def _private_config(self, attn: nn.Module, **changes) -> None:
+        """Give `attn` its own copy of the config it reads, with `changes` (one copy per module)."""
+        for entry in self._attributes:
+            if entry[0] is attn and entry[1] == "config":
+                tempered = entry[3]
+                break
+        else:
+            tempered = copy.copy(vars(attn)["config"])
+            self._attributes.append((attn, "config", vars(attn)["config"], tempered))
+        for name, value in changes.items():
+            setattr(tempered, name, value)
+
     def _plan_softcap(self, attn: nn.Module) -> None:
         if vars(attn).get(_SOFTCAP) is not None:  # newer transformers: a per-module attribute
             cap = vars(attn)[_SOFTCAP]
@@ -169,9 +200,7 @@ class AttentionTemperature:
         config = vars(attn).get("config")
         cap = getattr(config, _SOFTCAP, None) if config is not None else None
         if cap is not None:  # older ones read the config shared by all layers: give this one a copy
-            tempered = copy.copy(config)
-            setattr(tempered, _SOFTCAP, cap / self.temperature)
-            self._attributes.append((attn, "config", config, tempered))
+            self._private_config(attn, **{_SOFTCAP: cap / self.temperature})
 
     def _apply_attributes(self, tempered: bool) -> None:
         for attn, name, original, new in self._attributes:

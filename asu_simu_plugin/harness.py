@@ -2,7 +2,8 @@
 
 It finds the harness, builds our trainer classes on the harness's own `GradDiff` / `NPO` (so they
 inherit its DeepSpeed reference-model path, evaluation and logging) and our metrics and evaluator
-on its `UnlearningMetric` / `Evaluator` (`asu_simu_plugin.metrics`), and registers them into the
+on its `UnlearningMetric` / `Evaluator` (`asu_simu_plugin.metrics`) and LUME's dataset on its
+`CompletionDataset` (`asu_simu_plugin.lume`), and registers them into the
 harness registries without ever shadowing a harness name.
 
 The harness is the one already running (inside `python src/train.py` its `trainer` module is
@@ -32,6 +33,7 @@ COMPONENT_REGISTRIES = {
     "optimizer": ("OPTIMIZER_REGISTRY", "trainer"),
     "metric": ("METRICS_REGISTRY", "evals.metrics"),
     "evaluator": ("EVALUATOR_REGISTRY", "evals"),
+    "dataset": ("DATASET_REGISTRY", "data"),
 }
 
 
@@ -110,33 +112,43 @@ _trainer_class = registry.lazy_trainer_classes(
 _evaluation_objects: dict[str, object] = {}
 
 
+def _load(target: str):
+    module, attribute = target.split(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def _harness_classes() -> dict[str, tuple[str, str]]:
+    """name -> (our mixin, the harness base): evaluators and datasets."""
+    from asu_simu_plugin import lume, metrics
+
+    return {**metrics.EVALUATORS, **lume.DATASETS}
+
+
 def _evaluation_object(name: str):
-    """Our metric (the harness's `UnlearningMetric` around a function of
-    `asu_simu_plugin.metrics.paper`) or evaluator (our mixin on the harness's `Evaluator`)."""
+    """Our metric (the harness's `UnlearningMetric` around one of our functions), or evaluator or
+    dataset (our mixin in front of the harness's class)."""
     from asu_simu_plugin import metrics
 
     if name not in _evaluation_objects:
         if name in metrics.METRIC_FUNCTIONS:
-            from asu_simu_plugin.metrics import paper
-
             base = import_harness("evals.metrics.base").UnlearningMetric
-            function = getattr(paper, metrics.METRIC_FUNCTIONS[name])
+            function = _load(metrics.METRIC_FUNCTIONS[name])
             _evaluation_objects[name] = base(name=name, metric_fn=function)
         else:
-            module, attribute = metrics.EVALUATORS[name].split(":")
-            mixin = getattr(importlib.import_module(module), attribute)
-            base = import_harness("evals.base").Evaluator
+            mixin, base = _harness_classes()[name]
+            harness_module, attribute = base.split(":")
+            base = getattr(import_harness(harness_module), attribute)
             attributes = {"__module__": __name__, "__qualname__": name}
-            _evaluation_objects[name] = type(name, (mixin, base), attributes)
+            _evaluation_objects[name] = type(name, (_load(mixin), base), attributes)
     return _evaluation_objects[name]
 
 
 def __getattr__(name: str):
-    """Trainer classes, metrics and evaluators, each built once on first access (registries
-    compare identity)."""
+    """Trainer classes, metrics, evaluators and datasets, each built once on first access
+    (registries compare identity)."""
     from asu_simu_plugin import metrics
 
-    if name in metrics.METRIC_FUNCTIONS or name in metrics.EVALUATORS:
+    if name in metrics.METRIC_FUNCTIONS or name in _harness_classes():
         return _evaluation_object(name)
     return _trainer_class(name)
 

@@ -28,7 +28,7 @@ from typing import ClassVar
 from asu_simu_plugin.arguments import BASE_ARGUMENTS, MethodArgumentError, MethodArguments
 
 # modules that register objects but are not methods
-COMPONENT_MODULES = ("asu_simu_plugin.models", "asu_simu_plugin.metrics")
+COMPONENT_MODULES = ("asu_simu_plugin.models", "asu_simu_plugin.metrics", "asu_simu_plugin.lume")
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class Method:
 class Component:
     """Another object offered to a harness registry (an optimizer, a model handler)."""
 
-    kind: str  # "optimizer" | "model" | "metric" | "evaluator"
+    kind: str  # "optimizer" | "model" | "metric" | "evaluator" | "dataset"
     name: str
     target: str  # "module:attribute", imported on first use
 

@@ -52,6 +52,9 @@ ARCHITECTURES = {
         },
         "4.45.1",
     ),
+    "olmo": ("OlmoConfig", "OlmoForCausalLM", {}, "4.45.1"),
+    # OLMo v1 clamping q, k, v after their projections (OLMo-7B-0424 sets 8.0; 1.0 clamps here)
+    "olmo_clip": ("OlmoConfig", "OlmoForCausalLM", {"clip_qkv": 1.0}, "4.45.1"),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}, "4.47.0"),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}, "4.51.0"),
     "gemma3": (
@@ -92,8 +95,8 @@ ARCHITECTURES = {
 }
 # Those with a gated MLP ending in `down_proj` (what SIMU's neuron attribution needs).
 GATED_MLP_ARCHITECTURES = (
-    "llama", "mistral", "qwen2", "phi3", "gemma", "gemma2", "olmo2", "qwen3", "gemma3", "granite",
-    "cohere", "stablelm",
+    "llama", "mistral", "qwen2", "phi3", "gemma", "gemma2", "olmo", "olmo_clip", "olmo2", "qwen3",
+    "gemma3", "granite", "cohere", "stablelm",
 )  # fmt: skip
 
 

@@ -471,3 +471,24 @@ def test_rejects_model_without_attention():
 
     with pytest.raises(TypeError, match=r"NoAttention.*no self-attention.*Supported"):
         attention_temperature(NoAttention(), TAU)
+
+
+def test_olmo_clip_qkv_really_clamps_here():
+    """The clip_qkv model of these tests clamps queries and keys on the test batch (so its exact
+    cases above check the moved clamp), and the temperature leaves the shared config's bound."""
+    model = build("olmo_clip")
+    attn = self_attention(decoder_layers(model)[0])
+    seen = {}
+    hooks = [
+        getattr(attn, name).register_forward_hook(
+            lambda m, a, out, name=name: seen.__setitem__(name, out.abs().max().item())
+        )
+        for name in ("q_proj", "k_proj")
+    ]
+    logits(model, padded_batch())
+    for hook in hooks:
+        hook.remove()
+    assert min(seen.values()) > 1.5 * model.config.clip_qkv
+    with attention_temperature(model, TAU):
+        assert model.config.clip_qkv == 1.0
+    assert vars(attn)["config"] is model.config

@@ -1,4 +1,4 @@
-"""patches/: three commits for open-unlearning, checked on a clean copy of a real checkout.
+"""patches/: four commits for open-unlearning, checked on a clean copy of a real checkout.
 
 0001 makes the registries read entry points, 0002 adds an optimizer registry, 0003 adds
 community/methods/ASU and SIMU. Everything runs on copies of OPEN_UNLEARNING_SRC (the checkout
@@ -252,10 +252,11 @@ PATCH_NAMES = [
     "0001-load-plugins-from-entry-points.patch",
     "0002-optimizer-registry.patch",
     "0003-community-methods-asu-simu.patch",
+    "0004-community-benchmarks-lume.patch",
 ]
 
 
-def test_the_patches_are_the_three_pull_requests():
+def test_the_patches_are_the_four_pull_requests():
     assert [p.name for p in PATCHES] == PATCH_NAMES
     for patch in PATCHES:
         text = patch.read_text()
@@ -269,6 +270,10 @@ def test_the_patches_are_the_three_pull_requests():
         "community/methods/ASU/run.sh",
         "community/methods/SIMU/README.md",
         "community/methods/SIMU/run.sh",
+    ]
+    assert sorted(touched[PATCH_NAMES[3]]) == [
+        "community/benchmarks/LUME/README.md",
+        "community/benchmarks/LUME/run.sh",
     ]
     # no module that an installed package could shadow (or be shadowed by)
     assert not any(path == "src/plugins.py" for paths in touched.values() for path in paths)
@@ -288,12 +293,19 @@ def test_the_patches_apply_in_order_each_as_one_commit_and_the_checkout_is_untou
         assert f"trainer={method}" in run_sh
         syntax = subprocess.run(["bash", "-n", "-"], input=run_sh, capture_output=True, text=True)
         assert syntax.returncode == 0, syntax.stderr
+    lume = copy / "community" / "benchmarks" / "LUME"
+    assert "pip install asu-simu-plugin" in (lume / "README.md").read_text()
+    run_sh = (lume / "run.sh").read_text()
+    assert "experiment=unlearn/lume/${method}" in run_sh and "eval/lume/default" in run_sh
+    syntax = subprocess.run(["bash", "-n", "-"], input=run_sh, capture_output=True, text=True)
+    assert syntax.returncode == 0, syntax.stderr
     assert git_state(checkout) == before
 
 
-def test_the_community_methods_patch_applies_on_its_own(tmp_path):
+@pytest.mark.parametrize("index", [2, 3], ids=["community-methods", "community-benchmarks"])
+def test_the_community_patches_apply_on_their_own(tmp_path, index):
     copy = clean_copy(harness_checkout(), tmp_path / "open-unlearning")
-    apply_patches(copy, [PATCHES[2]])
+    apply_patches(copy, [PATCHES[index]])
 
 
 def pinned_ruff_version(checkout: Path) -> str:

@@ -37,7 +37,7 @@ def entry_points(group: str) -> dict[str, str]:
 def test_entry_points_are_the_registry():
     offered = {m.name: f"asu_simu_plugin.harness:{m.name}" for m in registry.harness_methods()}
     assert entry_points("open_unlearning.trainers") == offered
-    for kind, group in (("optimizer", "optimizers"), ("model", "models")):
+    for kind, group in (("optimizer", "optimizers"), ("model", "models"), ("dataset", "datasets")):
         listed = {c.name: c.target for c in registry.components(kind)}
         assert entry_points(f"open_unlearning.{group}") == listed
 
