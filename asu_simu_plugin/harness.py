@@ -190,3 +190,41 @@ def register() -> list[str]:
     if added:
         logger.info("asu-simu-plugin registered %s", ", ".join(added))
     return added
+
+
+REFERENCE_ENV = "ASU_SIMU_REFERENCE_MODEL"  # set by the continual driver for src/train.py
+REFERENCE_RECORD = "asu_simu_reference.json"  # beside the trained model: the reference's source
+
+
+def use_reference_model(path: str) -> None:
+    """Build every trainer's frozen reference (the harness's `GradDiff._prepare_ref_model`,
+    which NPO, DPO, SimNPO, ... and our trainers, ASU's teacher included, go through) with the
+    weights of the model at `path` instead of a copy of the model being trained: continual
+    unlearning's `--reference original` (`asu_simu_plugin.continual`), where the trained model is
+    the previous step's. One process, no LoRA (a LoRA reference is the adapters-off student and
+    does not come here); the source is recorded in REFERENCE_RECORD beside the model, so that the
+    caller can tell it was used."""
+    import json
+
+    import_harness()
+    grad_diff = importlib.import_module("trainer.unlearn.grad_diff").GradDiff
+    current = grad_diff._prepare_ref_model
+    build = getattr(current, "__asu_simu_original__", current)
+
+    def prepare_ref_model(self, model):
+        from transformers import AutoModelForCausalLM
+
+        reference = build(self, model)
+        target = getattr(reference, "module", reference)
+        dtype = next(target.parameters()).dtype
+        source = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype)
+        target.load_state_dict(source.state_dict(), strict=True)  # same architecture, or fail
+        logger.info("asu-simu-plugin: the reference model holds the weights of %s", path)
+        if self.args.process_index == 0:
+            out = Path(self.args.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / REFERENCE_RECORD).write_text(json.dumps({"reference": path}))
+        return reference
+
+    prepare_ref_model.__asu_simu_original__ = build
+    grad_diff._prepare_ref_model = prepare_ref_model
