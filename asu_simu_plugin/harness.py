@@ -193,23 +193,27 @@ def register() -> list[str]:
 
 
 REFERENCE_ENV = "ASU_SIMU_REFERENCE_MODEL"  # set by the continual driver for src/train.py
-REFERENCE_RECORD = "asu_simu_reference.json"  # beside the trained model: the reference's source
+RECORD_ENV = "ASU_SIMU_REFERENCE_RECORD"  # where to record that it was applied (JSON)
 
 
-def use_reference_model(path: str) -> None:
+def use_reference_model(path: str, record: str | None = None) -> None:
     """Build every trainer's frozen reference (the harness's `GradDiff._prepare_ref_model`,
     which NPO, DPO, SimNPO, ... and our trainers, ASU's teacher included, go through) with the
     weights of the model at `path` instead of a copy of the model being trained: continual
     unlearning's `--reference original` (`asu_simu_plugin.continual`), where the trained model is
     the previous step's. One process, no LoRA (a LoRA reference is the adapters-off student and
-    does not come here); the source is recorded in REFERENCE_RECORD beside the model, so that the
-    caller can tell it was used."""
+    does not come here). `record` (a JSON file) says that the override is in place and, once a
+    trainer built its reference (GradDiff with an NLL retain loss builds none), that it did."""
     import json
 
     import_harness()
     grad_diff = importlib.import_module("trainer.unlearn.grad_diff").GradDiff
     current = grad_diff._prepare_ref_model
     build = getattr(current, "__asu_simu_original__", current)
+
+    def note(built: bool) -> None:
+        if record and int(os.environ.get("RANK", "0")) == 0:
+            Path(record).write_text(json.dumps({"reference": path, "built": built}))
 
     def prepare_ref_model(self, model):
         from transformers import AutoModelForCausalLM
@@ -220,11 +224,9 @@ def use_reference_model(path: str) -> None:
         source = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype)
         target.load_state_dict(source.state_dict(), strict=True)  # same architecture, or fail
         logger.info("asu-simu-plugin: the reference model holds the weights of %s", path)
-        if self.args.process_index == 0:
-            out = Path(self.args.output_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / REFERENCE_RECORD).write_text(json.dumps({"reference": path}))
+        note(built=True)
         return reference
 
     prepare_ref_model.__asu_simu_original__ = build
     grad_diff._prepare_ref_model = prepare_ref_model
+    note(built=False)

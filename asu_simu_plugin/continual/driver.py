@@ -27,9 +27,10 @@ from asu_simu_plugin import config_dir
 from asu_simu_plugin.continual import report
 from asu_simu_plugin.continual import tasks as tasks_module
 from asu_simu_plugin.continual.tasks import TOFU, TaskError
-from asu_simu_plugin.harness import REFERENCE_ENV, REFERENCE_RECORD  # (the harness loads lazily)
+from asu_simu_plugin.harness import RECORD_ENV, REFERENCE_ENV  # (the harness loads lazily)
 
 SETTINGS_FILE = "continual.json"
+REFERENCE_FILE = "reference.json"  # --reference original: the override's record (harness.py)
 TASKS_FILE = "tasks.json"
 REFERENCES = ("previous", "original")
 # the official continual scripts pass `fix_ref_model=$fix_ref_model` with that shell variable
@@ -332,24 +333,20 @@ class Driver:
             self.times.append(seconds)
 
     def train(self, step: int, folder: Path) -> None:
-        out = folder / "model"
+        out, record = folder / "model", folder / REFERENCE_FILE
         env = {}
         if self.s.reference == "original" and step > 1:
-            env[REFERENCE_ENV] = str(self.s.model)
+            env = {REFERENCE_ENV: str(self.s.model), RECORD_ENV: str(record)}
         self.harness("train.py", self.train_overrides(step, self.model_of(step - 1), out),
                      folder / "train.log", env)  # fmt: skip
         if not (out / "config.json").is_file():
             raise RuntimeError(f"step {step}: src/train.py saved no model in {out}")
-        if env:
-            record = out / REFERENCE_RECORD
-            if not record.is_file() or json.loads(record.read_text())["reference"] != str(
-                self.s.model
-            ):
-                raise RuntimeError(
-                    f"step {step}: the reference was not set to the original model (no "
-                    f"{REFERENCE_RECORD}): install asu-simu-plugin into the harness's Python and "
-                    "leave ASU_SIMU_PLUGIN_REGISTER on"
-                )
+        if env and not record.is_file():
+            raise RuntimeError(
+                f"step {step}: the reference could not be set to the original model (no "
+                f"{record}): install asu-simu-plugin into the harness's Python and leave "
+                "ASU_SIMU_PLUGIN_REGISTER on"
+            )
 
     def progress(self, step: int, total: float) -> str:
         k = len(self.p.tasks)

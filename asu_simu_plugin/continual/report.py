@@ -203,13 +203,14 @@ def markdown(rows: list[dict], title: str, notes: list[str] = ()) -> str:
     lines += [
         "| step | model_utility | paper Model Utility | current task: forget prob. | "
         "forget_quality | paper Forget Efficacy | earlier tasks: mean forget prob. | "
-        "mean forget_quality |",
-        "|---|---|---|---|---|---|---|---|",
+        "mean forget_quality | tasks not yet unlearned: mean forget prob. |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for step in sorted({r["step"] for r in rows}):
         at = [r for r in rows if r["step"] == step]
         current = next((r for r in at if r["status"] == "current"), {})
         earlier = [r for r in at if r["status"] == "earlier"]
+        pending = [r for r in at if r["status"] in ("pending", "start")]
         first = at[0]
         lines.append(
             "| "
@@ -224,6 +225,7 @@ def markdown(rows: list[dict], title: str, notes: list[str] = ()) -> str:
                     current.get("paper_forget_efficacy"),
                     _mean_of(earlier, "forget_Q_A_Prob"),
                     _mean_of(earlier, "forget_quality"),
+                    _mean_of(pending, "forget_Q_A_Prob"),
                 )
             )
             + " |"
