@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import importlib.util
 import json
 import os
 import shutil
@@ -140,6 +141,11 @@ def plan(s: Settings) -> Plan:
     for label, path in (("--retain-logs", s.retain_logs), ("--start-eval", s.start_eval)):
         if path is not None and not Path(path).exists():
             raise ContinualError(f"{label} {path} does not exist")
+    if s.retain_logs is not None and importlib.util.find_spec("scipy") is None:
+        raise ContinualError(
+            "--retain-logs: per-task forget_quality needs scipy (the harness's requirements have "
+            "it): run with the harness's Python, or pip install scipy"
+        )
     if s.start_eval is not None and not (Path(s.start_eval) / report.TOFU_EVAL).is_file():
         raise ContinualError(f"--start-eval {s.start_eval} has no {report.TOFU_EVAL}")
     s.holdout_split = s.holdout_split or s.forget_split.replace("forget", "holdout")

@@ -139,7 +139,7 @@ def describe(tasks: list[Task], n_retain: int) -> list[str]:
         names = task.entities
         label = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1].split()[-1]}"
         out.append(
-            f"task {task.number}: {label} ({len(names)} entities, rows "
+            f"task {task.number}: {label} ({len(names)} entit{'y' if len(names) == 1 else 'ies'}, rows "
             f"{task.rows[0]}-{task.rows[-1]}, {len(task.rows)} rows); step {task.number} retains "
             f"{n_retain} retain + {kept} forget rows"
         )
