@@ -232,6 +232,12 @@ def test_bad_input_is_refused_before_any_subprocess(fake, changes, match):
     assert not settings().work.exists()
 
 
+def test_user_overrides_replace_the_drivers_defaults():
+    merged = driver.merge(["trainer.args.bf16=false", "++trainer.args.warmup_epochs=0"],
+                          ["trainer.args.warmup_epochs=1", "x=1"])  # fmt: skip
+    assert merged == ["trainer.args.bf16=false", "trainer.args.warmup_epochs=1", "x=1"]
+
+
 def test_cli_bad_input_is_one_line_exit_2(fake, capsys):
     settings, _ = fake
     s = settings()

@@ -286,10 +286,9 @@ class Driver:
             f"holdout_split={self.s.holdout_split}",
             f"task_name=continual_step{step}",
             f"paths.output_dir={out}",
-            *TRAIN_FIXED,
-            *(TRAIN_CPU if self.s.device == "cpu" else []),
-            *self.s.train_overrides,
-        ]
+            *merge([*TRAIN_FIXED, *(TRAIN_CPU if self.s.device == "cpu" else [])],
+                   self.s.train_overrides),
+        ]  # fmt: skip
 
     def eval_overrides(self, model: Path, out: Path, step: int) -> list[str]:
         logs = self.s.retain_logs
@@ -414,6 +413,17 @@ class Driver:
             "harness's per-row ones)."
             + ("" if s.retain_logs else " No --retain-logs: forget_quality is not computed.")
         ]
+
+
+def _key(override: str) -> str:
+    return override.partition("=")[0].lstrip("+~")
+
+
+def merge(defaults: list[str], given: list[str]) -> list[str]:
+    """The driver's defaults, less those whose key the user's overrides set, then the user's
+    (Hydra refuses a key given twice in some forms)."""
+    taken = {_key(o) for o in given}
+    return [o for o in defaults if _key(o) not in taken] + list(given)
 
 
 def _duration(seconds: float) -> str:
