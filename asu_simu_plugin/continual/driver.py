@@ -106,6 +106,13 @@ def _config_known(harness: Path, group_path: str) -> bool:
     )
 
 
+def _config_text(harness: Path, group_path: str) -> str:
+    for root in (harness / "configs", config_dir()):
+        if (root / f"{group_path}.yaml").is_file():
+            return (root / f"{group_path}.yaml").read_text(encoding="utf-8")
+    return ""
+
+
 def plan(s: Settings) -> Plan:
     """Check everything the run needs, before any model is loaded or trained."""
     from asu_simu_plugin.output import fingerprint, model_fingerprint
@@ -272,7 +279,18 @@ class Driver:
             # the tokenizer never changes: always the starting model's
             f"model.tokenizer_args.pretrained_model_name_or_path={self.s.model}",
         ]
-        return out + (["~model.model_args.attn_implementation"] if self.s.device == "cpu" else [])
+        return out + (["model.model_args.attn_implementation=sdpa"] if self._no_flash() else [])
+
+    def _no_flash(self) -> bool:
+        """On a CPU, a model config asking for flash-attention 2 (every harness one) runs with
+        SDPA instead, unless the experiment sets its own (ASU's: eager)."""
+        model, experiment = (_config_text(self.s.harness, f"{g}/{n}") for g, n in
+                             (("model", self.s.model_config), ("experiment", self.s.experiment)))  # fmt: skip
+        return (
+            self.s.device == "cpu"
+            and "flash_attention_2" in model
+            and "attn_implementation" not in experiment
+        )
 
     def train_overrides(self, step: int, start: Path, out: Path) -> list[str]:
         forget_name, retain_name = tasks_module.step_names(step)
