@@ -202,3 +202,43 @@ def register() -> list[str]:
     if added:
         logger.info("asu-simu-plugin registered %s", ", ".join(added))
     return added
+
+
+REFERENCE_ENV = "ASU_SIMU_REFERENCE_MODEL"  # set by the continual driver for src/train.py
+RECORD_ENV = "ASU_SIMU_REFERENCE_RECORD"  # where to record that it was applied (JSON)
+
+
+def use_reference_model(path: str, record: str | None = None) -> None:
+    """Build every trainer's frozen reference (the harness's `GradDiff._prepare_ref_model`,
+    which NPO, DPO, SimNPO, ... and our trainers, ASU's teacher included, go through) with the
+    weights of the model at `path` instead of a copy of the model being trained: continual
+    unlearning's `--reference original` (`asu_simu_plugin.continual`), where the trained model is
+    the previous step's. One process, no LoRA (a LoRA reference is the adapters-off student and
+    does not come here). `record` (a JSON file) says that the override is in place and, once a
+    trainer built its reference (GradDiff with an NLL retain loss builds none), that it did."""
+    import json
+
+    import_harness()
+    grad_diff = importlib.import_module("trainer.unlearn.grad_diff").GradDiff
+    current = grad_diff._prepare_ref_model
+    build = getattr(current, "__asu_simu_original__", current)
+
+    def note(built: bool) -> None:
+        if record and int(os.environ.get("RANK", "0")) == 0:
+            Path(record).write_text(json.dumps({"reference": path, "built": built}))
+
+    def prepare_ref_model(self, model):
+        from transformers import AutoModelForCausalLM
+
+        reference = build(self, model)
+        target = getattr(reference, "module", reference)
+        dtype = next(target.parameters()).dtype
+        source = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype)
+        target.load_state_dict(source.state_dict(), strict=True)  # same architecture, or fail
+        logger.info("asu-simu-plugin: the reference model holds the weights of %s", path)
+        note(built=True)
+        return reference
+
+    prepare_ref_model.__asu_simu_original__ = build
+    grad_diff._prepare_ref_model = prepare_ref_model
+    note(built=False)

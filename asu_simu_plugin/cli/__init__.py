@@ -26,6 +26,7 @@ SUBCOMMANDS = {
     ),
     "tau-sweep": ("asu_simu_plugin.cli.tau_sweep", "how the attention temperature affects a model"),
     "neurons": ("asu_simu_plugin.cli.neurons", "SIMU critical-neuron masks for several thresholds"),
+    "continual": ("asu_simu_plugin.cli.continual", "continual unlearning through the harness"),
 }
 
 

@@ -130,10 +130,10 @@ def paper_columns(nli_model, embedding_model):
     ]
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def add_tofu_arguments(p, name="tofu_mini"):
+    """The TOFU data, sizes, epochs and scorers (continual-mini shares them)."""
     p.add_argument("--data", required=True, type=Path, help="folder holding locuslab/TOFU/")
-    p.add_argument("--name", default="tofu_mini", help="file stem of the report in --out")
+    p.add_argument("--name", default=name, help="file stem of the report in --out")
     p.add_argument("--forget-split", default="forget01", help="forget01 | forget05 | forget10")
     p.add_argument(
         "--retain-size", type=int, default=100, help="retain rows scored (of retain_perturbed)"
@@ -160,12 +160,21 @@ def parse_args(argv=None):
         default=None,
         help="sentence-transformers model for the paper's cosine similarity; none: left out",
     )
-    arguments.add_run_arguments(p, METHODS, DEFAULT_METHODS, HEADLINE, CURVES)
-    args = p.parse_args(argv)
+
+
+def check_tofu_data(p, args):
     tofu = args.data / "locuslab" / "TOFU"
     if not any((tofu / f"{args.forget_split}{ext}").is_file() for ext in (".json", ".jsonl")):
         p.error(f"{tofu} has no {args.forget_split}.json: --data must hold locuslab/TOFU/")
     args.data = args.data.resolve()
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    add_tofu_arguments(p)
+    arguments.add_run_arguments(p, METHODS, DEFAULT_METHODS, HEADLINE, CURVES)
+    args = p.parse_args(argv)
+    check_tofu_data(p, args)
     return arguments.finish_run_arguments(p, args, METHODS)
 
 
@@ -228,20 +237,21 @@ class Pipeline(pipeline.Pipeline):
         paper = self.work / "evals" / name / PAPER_SUMMARY
         return {**summary, **(read_json(paper) if paper.is_file() else {})}
 
+    def source_rows(self, name, limit=None):
+        """The first `limit` rows (all: None) of a source TOFU config, as JSON lines. JSON Lines
+        files are named .json (as in the hub dataset) or .jsonl."""
+        path = self.args.data / "locuslab" / "TOFU" / f"{name}.json"
+        path = path if path.is_file() else path.with_suffix(".jsonl")
+        lines = path.read_text().splitlines()
+        return [line for line in lines if line.strip()][:limit]
+
     def build_data(self):
-        src = self.args.data / "locuslab" / "TOFU"
         dst = self.data_dir / "locuslab" / "TOFU"
         for stale in (dst, self.datasets_cache):
             if stale.exists():
                 shutil.rmtree(stale)
         dst.mkdir(parents=True)
-
-        def rows(name, limit=None):
-            # JSON Lines, named .json (as in the hub dataset) or .jsonl
-            path = src / f"{name}.json"
-            path = path if path.is_file() else path.with_suffix(".jsonl")
-            lines = path.read_text().splitlines()
-            return [line for line in lines if line.strip()][:limit]
+        rows = self.source_rows
 
         retain_eval = rows("retain_perturbed", self.args.retain_size)
         retain_train = disjoint_retain_rows(

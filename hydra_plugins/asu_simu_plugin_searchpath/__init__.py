@@ -69,6 +69,10 @@ def _register_with_harness() -> None:
             from asu_simu_plugin.preflight import install
 
             install()
+            from asu_simu_plugin.harness import RECORD_ENV, REFERENCE_ENV, use_reference_model
+
+            if os.environ.get(REFERENCE_ENV):  # continual unlearning's --reference original
+                use_reference_model(os.environ[REFERENCE_ENV], os.environ.get(RECORD_ENV))
     except Exception as error:  # never break the harness because of us
         warnings.warn(
             f"asu-simu-plugin could not register its trainers with open-unlearning ({error!r}); "

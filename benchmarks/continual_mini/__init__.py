@@ -1,0 +1,1 @@
+"""Continual-mini: TOFU authors unlearned task after task through the harness."""
