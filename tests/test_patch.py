@@ -538,12 +538,12 @@ INSTALLED_SCRIPT = """
 import json, logging
 logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
 from importlib.metadata import entry_points
-import evals, model, trainer
+import data, evals, model, trainer
 from evals import metrics
 from open_unlearning_plugins import load_entry_points
 groups = {"trainers": trainer.TRAINER_REGISTRY, "optimizers": trainer.OPTIMIZER_REGISTRY,
           "models": model.MODEL_REGISTRY, "metrics": metrics.METRICS_REGISTRY,
-          "evaluators": evals.EVALUATOR_REGISTRY}
+          "evaluators": evals.EVALUATOR_REGISTRY, "datasets": data.DATASET_REGISTRY}
 ours = {ep.name: ep for kind in groups for ep in entry_points(group="open_unlearning." + kind)
         if ep.value.startswith("asu_simu_plugin.")}
 for kind, registry in groups.items():
@@ -566,7 +566,7 @@ def python_with_us(tmp_path_factory) -> str:
 
 def test_installed_asu_simu_plugin_registers_through_entry_points(patched_checkout, python_with_us):
     out = run_in_harness(patched_checkout, INSTALLED_SCRIPT, None, python=python_with_us)
-    expected = {"ASU", "SIMU", "SOGradDiff", "SONPO", "SophiaG", "TemperedCausalLM"}
+    expected = {"ASU", "SIMU", "SOGradDiff", "SONPO", "SophiaG", "TemperedCausalLM", "LUMEDataset"}
     assert expected <= set(out["ours"])
     assert out["found"] == out["ours"]
     # its Hydra-plugin registration, run after the entry points, finds everything in place
