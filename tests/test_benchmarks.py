@@ -346,3 +346,23 @@ def test_asu_rows_teacher_is_read_from_their_first_run_and_scored(tmp_path):
     assert teacher["layers_label"] == "20-29" and teacher["temperature"] == 4.0
     md = (tmp_path / "out" / "tofu_mini.md").read_text()
     assert "| *ASU teacher: τ 4, layers 20-29* | – | 1 | 0.050 |" in md
+
+
+def test_redo_repeats_a_stage_once_per_invocation(tmp_path, capsys):
+    """A headline row's seed-0 run is also a grid run: `--redo` of it must not train it twice."""
+    import json
+
+    args = run.parse_args([*fake_tree(tmp_path), "--device", "cpu", "--redo", "eval_x"])
+    pipeline = run.Pipeline(args)
+    pipeline.marker("eval_x").parent.mkdir(parents=True, exist_ok=True)
+    pipeline.marker("eval_x").write_text("{}")
+    calls = []
+    for _ in range(3):
+        pipeline.run_stage("eval_x", lambda: calls.append(1) or {"n": len(calls)})
+    assert calls == [1]
+    assert json.loads(pipeline.marker("eval_x").read_text())["n"] == 1
+    assert capsys.readouterr().out.count("[skip] eval_x") == 2
+    calls.clear()
+    pipeline.run_stage("other", lambda: calls.append(1))  # not done yet: runs
+    pipeline.run_stage("other", lambda: calls.append(1))  # done, not asked again: skipped
+    assert calls == [1]

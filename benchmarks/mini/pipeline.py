@@ -71,6 +71,7 @@ class Pipeline(Report):
         # datasets (3.0) keys its cache of a local folder by config name, not file contents:
         # a private cache, emptied whenever the data stage rewrites the files
         self.datasets_cache = self.work / "datasets_cache"
+        self.redone: set[str] = set()  # stages run in this invocation
 
     # -- bookkeeping ----------------------------------------------------------------------
     def marker(self, stage):
@@ -78,11 +79,15 @@ class Pipeline(Report):
 
     def run_stage(self, stage, fn):
         marker = self.marker(stage)
-        if marker.exists() and stage not in self.args.redo:
+        # --redo repeats a stage once per invocation (a headline row's seed-0 run is also a grid
+        # run: the second call must find it done)
+        redo = stage in self.args.redo and stage not in self.redone
+        if marker.exists() and not redo:
             print(f"[skip] {stage} (done; --redo {stage} to run it again)", flush=True)
             return json.loads(marker.read_text())
         print(f"[run ] {stage}", flush=True)
         start = time.perf_counter()
+        self.redone.add(stage)
         info = fn() or {}
         info["seconds"] = round(time.perf_counter() - start, 1)
         info["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
