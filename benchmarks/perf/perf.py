@@ -379,6 +379,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.worker:
         return worker(json.loads(args.worker))  # benchmarks.perf.distributed
+    started = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.asu_temperature is not None:
@@ -453,6 +454,7 @@ def main(argv=None):
         },
         "distributed": distributed,
         "simu": simu,
+        "wall_seconds": round(time.perf_counter() - started, 1),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")

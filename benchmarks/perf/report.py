@@ -26,7 +26,8 @@ def markdown(result, comparisons) -> str:
         f"{s['rounds']} rounds × {s['run_steps']} steps each from the same weights"
         + (f" (GNB: {s['gnb_run_steps']})" if s.get("gnb_run_steps") else "")
         + f", the first {s['warmup']} of every run untimed. {asu_setting(s)} "
-        f"Memory: {m['memory']}.",
+        f"Memory: {m['memory']}."
+        + (f" Run time {result['wall_seconds'] / 60:.0f} min." if "wall_seconds" in result else ""),
         "",
         "| method | median s / step | spread (s) | timed steps | peak MiB | vs | time ratio | "
         "memory ratio |",
