@@ -165,6 +165,7 @@ class Pipeline(pipeline.Pipeline):
                 f"data.train.LUME_forget.args.max_length={a.max_length}",
                 *self.lume_overrides(),
                 "eval=lume",
+                "~eval.tofu",  # the TOFU experiment's evaluator settings, left without a handler
                 *self.model_overrides(self.base_model),
                 f"task_name={stage}",
                 f"paths.output_dir={output}",
