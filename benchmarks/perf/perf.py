@@ -17,7 +17,8 @@ timed. Machine noise then hits every method alike. Reported per method: median s
 (ratios use medians), spread (min-max and the interquartile range) and the mean; for the GNB
 variant the mean over whole Hessian intervals is its amortised cost. Peak memory: CUDA peak
 allocation, or on CPU the peak resident set size above the level before the run (sampled every
-2 ms, with freed memory handed back to the OS in between).
+2 ms, with freed memory handed back to the OS in between); a row's value is the median of its
+runs' peaks (every run's peak is in the JSON).
 
 --distributed adds 2-process rows (DDP with gloo on CPU / NCCL on GPUs, and DeepSpeed ZeRO-2 through
 accelerate when deepspeed is importable): per-step time at the same global batch (each process
@@ -277,7 +278,7 @@ def time_hessian_passes(trainer, timer) -> list[float]:
 
 def interleaved(names, model, initial_state, tokenizer, forget, retain, args, workdir, extra):
     """Every row, --rounds times, in an order rotated each round; step times pooled per row."""
-    pooled = {name: {"steps": [], "passes": [], "fills": [], "peak_mib": 0.0} for name in names}
+    pooled = {name: {"steps": [], "passes": [], "fills": [], "peaks": []} for name in names}
     for round_index in range(args.rounds):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
@@ -295,7 +296,7 @@ def interleaved(names, model, initial_state, tokenizer, forget, retain, args, wo
             pooled[name]["steps"] += run["steps"]
             pooled[name]["passes"] += run["passes"]
             pooled[name]["fills"] += [run["fill_seconds"]] if run["fill_seconds"] else []
-            pooled[name]["peak_mib"] = max(pooled[name]["peak_mib"], run["peak_mib"])
+            pooled[name]["peaks"].append(run["peak_mib"])
             print(
                 f"round {round_index + 1}/{args.rounds}  {name:18s} "
                 f"{statistics.median(run['steps']):8.3f} s/step (median of {len(run['steps'])})"
@@ -306,7 +307,10 @@ def interleaved(names, model, initial_state, tokenizer, forget, retain, args, wo
         row = {
             **summary(run["steps"]),
             "steps": run["steps"],
-            "peak_mib": run["peak_mib"],
+            # the median run's peak: sampled RSS moves by ~100 MiB between identical runs, and the
+            # median (unlike the highest) does not grow with the number of rounds
+            "peak_mib": statistics.median(run["peaks"]),
+            "peak_mib_runs": run["peaks"],
             "configuration": {**method_args, **train_args},
         }
         if run["fills"]:
@@ -424,7 +428,7 @@ def main(argv=None):
             "device": device.type,
             "memory": "CUDA peak allocated above the start"
             if device.type == "cuda"
-            else "peak resident set size above the start",
+            else "peak resident set size above the start, the median of a row's runs",
         },
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "settings": {
