@@ -95,8 +95,30 @@ def test_dataset_puts_the_loss_on_output(tiny_model):
     assert document["targets_are_the_rest"] and not document["ends_with_eos"]
 
 
+# lm_eval's MMLU needs the hub: this stands in for `lm_eval.simple_evaluate` (imported by the
+# harness's LMEvalEvaluator), records what it was asked and answers in lm_eval's result format.
+FAKE_LM_EVAL = """
+import json, os
+import lm_eval
+
+def simple_evaluate(model, tasks, task_manager=None, **kwargs):
+    with open(os.environ["FAKE_LM_EVAL_CALL"], "w") as f:
+        json.dump({"tasks": tasks, "model": type(model).__name__}, f)
+    group = {"alias": "mmlu", "acc,none": 0.25, "acc_stderr,none": 0.01}
+    return {"groups": {"mmlu": group}, "results": {"mmlu": group}, "samples": {"mmlu": []}}
+
+lm_eval.simple_evaluate = simple_evaluate
+"""
+
+
 def test_eval_lume_default_scores_every_task_and_split(tiny_model, workdir):
+    """With `mmlu` set, the harness's lm_eval evaluator runs after LUME's metrics (lm_eval's
+    evaluation itself faked) and final_score is the mean of the three."""
     out = workdir / "eval"
+    fake = workdir / "fake_lm_eval"
+    fake.mkdir()
+    (fake / "sitecustomize.py").write_text(FAKE_LM_EVAL)
+    call = workdir / "lm_eval_call.json"
     run_harness(
         "eval.py",
         [
@@ -109,9 +131,15 @@ def test_eval_lume_default_scores_every_task_and_split(tiny_model, workdir):
             "eval.lume.nonmember_documents_per_task=1",
             "eval.lume.max_new_tokens=4",
             "eval.lume.batch_size=8",
+            f"eval.lume.mmlu={{tasks: [mmlu], overwrite: false, output_dir: '{out}'}}",
         ],
         cwd=workdir,
+        env={
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(fake), os.environ.get("PYTHONPATH")])),
+            "FAKE_LM_EVAL_CALL": str(call),
+        },
     )
+    assert json.loads(call.read_text()) == {"tasks": ["mmlu"], "model": "HFLM"}
     summary = json.loads((out / "LUME_SUMMARY.json").read_text())
     logs = json.loads((out / "LUME_EVAL.json").read_text())
     names = [
@@ -120,7 +148,8 @@ def test_eval_lume_default_scores_every_task_and_split(tiny_model, workdir):
         for t in formulas.TASKS
         for m in ("regurgitation", "knowledge")
     ]
-    assert set(summary) == {*names, "mia_auc", "mia_score", "task_aggregate"}
+    mmlu = {"mmlu/acc", "mmlu/acc_stderr", "final_score"}
+    assert set(summary) == {*names, "mia_auc", "mia_score", "task_aggregate", *mmlu}
     assert len(logs["forget_Task2_knowledge"]["value_by_index"]) == 5
     assert len(logs["retain_Task1_regurgitation"]["value_by_index"]) == 1
     assert len(logs["mia_auc"]["forget"]["value_by_index"]) == 10
@@ -129,6 +158,10 @@ def test_eval_lume_default_scores_every_task_and_split(tiny_model, workdir):
     terms = [1 - summary[n] if n.startswith("forget") else summary[n] for n in names]
     expected = 0.0 if 0 in terms else len(terms) / sum(1 / t for t in terms)
     assert summary["task_aggregate"] == pytest.approx(expected)
+    assert summary["mmlu/acc"] == 0.25
+    assert summary["final_score"] == pytest.approx(
+        (summary["task_aggregate"] + summary["mia_score"] + 0.25) / 3
+    )
 
 
 def test_simu_trains_one_step_on_lume(tiny_model, workdir):
