@@ -81,3 +81,36 @@ def test_final_reading_names_the_task_that_came_back():
     assert reading["forget_prob_unlearned"] == pytest.approx(0.175)
     assert reading["largest_rise"] == pytest.approx(0.2) and reading["largest_rise_task"] == 1
     assert (reading["utility_start"], reading["utility_last"]) == (0.4, 0.35)
+
+
+def test_the_report_states_machine_sizes_rates_reference_and_run_time(tmp_path, tofu):
+    args = args_for(tmp_path, tofu, "--methods", "NPO", "--reference", "original")
+    rows = [
+        {
+            "step": s,
+            "task": t,
+            "status": st,
+            "forget_Q_A_Prob": p,
+            "model_utility": 0.4,
+            "paper_model_utility": 0.3,
+        }
+        for s, t, st, p in [(0, 1, "start", 0.9), (1, 1, "current", 0.2)]
+    ]
+    result = {
+        "date": "2026-12-04T00:00:00+00:00",
+        "machine": {"cpu": "CPU X", "cpu_cores": 2, "device": "cpu"},
+        "versions": {"torch": "2.13.0", "datasets": None},
+        "settings": {
+            "data_rows": {"forget10": 60},
+            "finetune": {"epochs": 5, "learning_rate": 1e-4},
+            "unlearn": {"epochs": 5, "learning_rates": {"NPO": [5e-5]}},
+            "per_device_batch_size": 8,
+        },
+        "total_seconds": 5400,
+    }
+    text = run.combined_markdown({"NPO": rows}, "T", args, result, ["A note."])
+    header = text.split("| row |")[0]
+    for part in ("CPU X, 2 cores, device cpu; torch 2.13.0.", "forget10 60", "NPO 5e-05",
+                 "teacher: the target;", "Total wall time 90 min.", "A note."):  # fmt: skip
+        assert part in header
+    assert "| NPO | 1 | 0.400 → 0.400 | 0.900 → 0.200 |" in text
