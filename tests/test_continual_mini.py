@@ -67,6 +67,15 @@ def test_each_row_drives_the_harness_with_tofu_minis_settings(tmp_path, tofu):
     assert not [o for o in s.eval_overrides if o.lstrip("+").startswith("model.")]
 
 
+def test_harness_step_eval_leaves_out_the_paper_evaluator_and_privacy_metrics(tmp_path, tofu):
+    pipeline = run.Pipeline(args_for(tmp_path, tofu, "--step-eval", "harness"))
+    s = pipeline.continual_settings("ASU")
+    assert not [o for o in s.eval_overrides if "asu_paper" in o]
+    assert s.eval_overrides[-2:] == run.HARNESS_ONLY
+    full = run.Pipeline(args_for(tmp_path, tofu)).continual_settings("ASU").eval_overrides
+    assert set(full) - set(s.eval_overrides) == set(pipeline.paper_eval_overrides())
+
+
 def test_final_reading_names_the_task_that_came_back():
     def row(step, task, prob, utility):
         return {"step": step, "task": task, "forget_Q_A_Prob": prob, "model_utility": utility}

@@ -40,6 +40,9 @@ ENTITY_SIZE = 20  # TOFU: 20 questions per author
 # grid there: their TOFU default scaled to the target's finetuning rate (1e-5 x 1e-4 / 1e-5)
 SELECTED = {"ASU": 2e-4, "NPO": 5e-5, "GradDiff": 5e-5, "ME_GD": 1e-4, "IDK_AP": 1e-4}
 METHODS = {row: tofu_mini.METHODS[row] for row in SELECTED}
+STEP_EVALS = ("full", "harness")
+# --step-eval harness: the harness's TOFU metrics without its two privacy measures
+HARNESS_ONLY = ["~eval.tofu.metrics.privleak", "~eval.tofu.metrics.extraction_strength"]
 REFERENCE_TEXT = {"previous": "the previous step's model", "original": "the target"}
 DEFAULT_ROWS = ["ASU", "NPO", "GradDiff"]  # what fits two hours on 2 CPU cores
 # src/eval.py overrides the driver sets itself (TOFU-mini's evaluation keeps the others)
@@ -58,6 +61,15 @@ def parse_args(argv=None):
         choices=driver.REFERENCES,
         default=driver.DEFAULT_REFERENCE,
         help="reference / ASU teacher of step k: step k-1's model (official scripts) or the target",
+    )
+    p.add_argument(
+        "--step-eval",
+        choices=STEP_EVALS,
+        default="full",
+        help="what src/eval.py scores after each step (step 0 and the retain model: always full):\n"
+        "full: TOFU-mini's evaluation (the harness's TOFU metrics and the ASU paper's);\n"
+        "harness: the harness's TOFU forgetting and utility metrics only (no paper evaluator,\n"
+        "no privleak / extraction strength), about half a full evaluation's time",
     )
     arguments.add_run_arguments(p, METHODS, DEFAULT_ROWS)
     args = p.parse_args(argv)
@@ -93,12 +105,14 @@ class Pipeline(tofu_mini.Pipeline):
         base, variant = a.variants.get(row, (row, []))
         experiment, extra, _ = self.methods[base]
         lr = a.rates[row][0]
+        left_out = self.paper_eval_overrides() if a.step_eval == "harness" else []
         evaluation = [
             o
             for o in self.eval_overrides(Path("unused"), "unused", True)
             if o.partition("=")[0].lstrip("+") not in DRIVER_EVAL_KEYS
             and not o.lstrip("+").startswith("model.")
-        ]
+            and o not in left_out
+        ] + (HARNESS_ONLY if a.step_eval == "harness" else [])
         return driver.Settings(
             harness=a.harness,
             data=self.data_dir,
@@ -174,6 +188,7 @@ class Pipeline(tofu_mini.Pipeline):
                 "tasks": a.tasks,
                 "authors_per_task": a.authors_per_task,
                 "reference": a.reference,
+                "step_eval": a.step_eval,
             },
             "rows": {row: final_reading(rows) for row, rows in runs.items() if len(rows) > 1},
             "stage_seconds": stage_seconds,
@@ -238,7 +253,14 @@ def combined_markdown(runs, title, args, result, notes=()):
         f"{s['per_device_batch_size']}, at one rate ({rates}: TOFU-mini's selected rates unless "
         "--lr), retaining retain_mini plus the authors not yet unlearned, reference / ASU "
         f"teacher: {REFERENCE_TEXT[args.reference]}; after each step src/eval.py scores every task "
-        "(per-task values from the harness's per-row ones). Total wall time "
+        "(per-task values from the harness's per-row ones)"
+        + (
+            "; steps 1 on ran the harness's TOFU metrics only (--step-eval harness: no paper "
+            "measures, privleak or extraction strength after step 0)"
+            if s.get("step_eval") == "harness"
+            else ""
+        )
+        + ". Total wall time "
         f"{result['total_seconds'] / 60:.0f} min.",
         "",
         *[line for note in notes for line in (note, "")],
