@@ -123,3 +123,12 @@ def test_the_report_states_machine_sizes_rates_reference_and_run_time(tmp_path, 
                  "teacher: the target;", "Total wall time 90 min.", "A note."):  # fmt: skip
         assert part in header
     assert "| NPO | 1 | 0.400 → 0.400 | 0.900 → 0.200 |" in text
+
+
+def test_run_time_counts_overlapping_stages_once():
+    def marker(finished, seconds):
+        return {"finished": f"2026-12-04T10:{finished}:00+00:00", "seconds": seconds}
+
+    # 10:00-10:10, then two rows in parallel 10:10-10:30 and 10:12-10:40, then a gap
+    stages = [marker("10", 600), marker("30", 1200), marker("40", 1680), marker("50", 300)]
+    assert run.busy_seconds(stages) == 600 + 1800 + 300

@@ -192,8 +192,23 @@ class Pipeline(tofu_mini.Pipeline):
             },
             "rows": {row: final_reading(rows) for row, rows in runs.items() if len(rows) > 1},
             "stage_seconds": stage_seconds,
-            "total_seconds": round(sum(stage_seconds.values()), 1),
+            "total_seconds": round(busy_seconds([info for _, info in markers]), 1),
         }
+
+
+def busy_seconds(markers):
+    """Seconds during which at least one stage ran (the union of the stages' intervals): rows
+    run by parallel invocations on one work folder overlap and are not counted twice."""
+    spans = sorted(
+        (end - info["seconds"], end)
+        for info in markers
+        for end in [dt.datetime.fromisoformat(info["finished"]).timestamp()]
+    )
+    total, reach = 0.0, float("-inf")
+    for start, end in spans:
+        total += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    return total
 
 
 def summary_of(result):
