@@ -122,7 +122,7 @@ def finish_run(work, name, fq, mu, prob, answers):
     per_item = {"forget_Q_A_ROUGE": {"value_by_index": items}}
     (evals / "TOFU_EVAL.json").write_text(json.dumps(per_item))
     for stage in ("eval", "unlearn"):
-        marker = {"seconds": 10.0, "finished": f"{name}"}
+        marker = {"seconds": 10.0, "finished": "2026-12-04T00:00:00+00:00"}
         (work / "stages" / f"{stage}_{name}.json").write_text(json.dumps(marker))
 
 
@@ -138,7 +138,7 @@ def test_report_aggregates_seeds_and_compares_at_equal_forgetting(tmp_path):
     )
     pipeline = run.Pipeline(args)
     work = pipeline.work
-    data_marker = {"forget01": 40, "seconds": 0.0, "finished": "0"}
+    data_marker = {"forget01": 40, "seconds": 0.0, "finished": "2026-12-04T00:00:00+00:00"}
     (work / "stages" / "data.json").write_text(json.dumps(data_marker))
 
     def finish(*values):
@@ -322,7 +322,7 @@ def test_asu_rows_teacher_is_read_from_their_first_run_and_scored(tmp_path):
     assert pipeline.evaluate_teacher("ASU_tau2.3")["layers_label"] == "all"
     assert "model.model_args.temperature_layers=null" in calls[0][2]
 
-    data_marker = {"forget01": 40, "seconds": 0.0, "finished": "0"}
+    data_marker = {"forget01": 40, "seconds": 0.0, "finished": "2026-12-04T00:00:00+00:00"}
     (work / "stages" / "data.json").write_text(json.dumps(data_marker))
     for name, fq, mu, prob in [
         ("retain", None, 0.38, 0.1),
@@ -333,7 +333,7 @@ def test_asu_rows_teacher_is_read_from_their_first_run_and_scored(tmp_path):
     ]:
         finish_run(work, name, fq, mu, prob, ["a b"])
     (work / "stages" / "eval_teacher_ASU.json").write_text(
-        json.dumps({**record, "seconds": 5.0, "finished": "1"})
+        json.dumps({**record, "seconds": 5.0, "finished": "2026-12-04T00:00:01+00:00"})
     )
     pipeline.tokenizer = WordTokenizer
     pipeline.report()

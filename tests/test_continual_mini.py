@@ -9,6 +9,7 @@ import pytest
 from benchmark_support import fake_harness
 
 from benchmarks.continual_mini import run
+from benchmarks.mini.report import busy_seconds
 
 
 @pytest.fixture
@@ -131,4 +132,4 @@ def test_run_time_counts_overlapping_stages_once():
 
     # 10:00-10:10, then two rows in parallel 10:10-10:30 and 10:12-10:40, then a gap
     stages = [marker("10", 600), marker("30", 1200), marker("40", 1680), marker("50", 300)]
-    assert run.busy_seconds(stages) == 600 + 1800 + 300
+    assert busy_seconds(stages) == 600 + 1800 + 300

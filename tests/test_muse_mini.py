@@ -85,7 +85,7 @@ def test_report_selects_lowest_verbmem_and_aggregates_seeds(tmp_path):
     )
     pipeline = run.Pipeline(args)
     work = pipeline.work
-    data_marker = {"verbmem/forget": 6, "seconds": 0.0, "finished": "0"}
+    data_marker = {"verbmem/forget": 6, "seconds": 0.0, "finished": "2026-12-04T00:00:00+00:00"}
     (work / "stages" / "data.json").write_text(json.dumps(data_marker))
 
     def finish(name, verbmem, retain, answers):
@@ -105,7 +105,7 @@ def test_report_selects_lowest_verbmem_and_aggregates_seeds(tmp_path):
         per_item = {"forget_verbmem_ROUGE": {"value_by_index": items}}
         (evals / "MUSE_EVAL.json").write_text(json.dumps(per_item))
         for stage in ("eval", "unlearn"):
-            marker = {"seconds": 10.0, "finished": name}
+            marker = {"seconds": 10.0, "finished": "2026-12-04T00:00:00+00:00"}
             (work / "stages" / f"{stage}_{name}.json").write_text(json.dumps(marker))
 
     finish("retain", 0.2, 0.38, ["a b"])

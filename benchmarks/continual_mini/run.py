@@ -24,15 +24,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime as dt
 import json
 from pathlib import Path
 
 from asu_simu_plugin.continual import driver, report
-from asu_simu_plugin.diagnostics import machine_info
 from benchmarks.mini import arguments
 from benchmarks.mini import pipeline as mini
-from benchmarks.mini.report import read_json, versions
 from benchmarks.tofu_mini import run as tofu_mini
 
 ENTITY_SIZE = 20  # TOFU: 20 questions per author
@@ -172,17 +169,9 @@ class Pipeline(tofu_mini.Pipeline):
     def run_record(self, runs):
         """What the report states the run was: machine, versions, sizes, stage times, and each
         row's reading at its last step."""
-        markers = [(p.stem, read_json(p)) for p in (self.work / "stages").glob("*.json")]
-        stage_seconds = {
-            stage: info["seconds"]
-            for stage, info in sorted(markers, key=lambda item: item[1]["finished"])
-        }
         a = self.args
         return {
-            "name": a.name,
-            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "machine": {**machine_info(), "device": a.device},
-            "versions": versions(a.harness),
+            **self.identity(),
             "settings": {
                 **self.settings(),
                 "tasks": a.tasks,
@@ -191,24 +180,8 @@ class Pipeline(tofu_mini.Pipeline):
                 "step_eval": a.step_eval,
             },
             "rows": {row: final_reading(rows) for row, rows in runs.items() if len(rows) > 1},
-            "stage_seconds": stage_seconds,
-            "total_seconds": round(busy_seconds([info for _, info in markers]), 1),
+            **self.timing(),
         }
-
-
-def busy_seconds(markers):
-    """Seconds during which at least one stage ran (the union of the stages' intervals): rows
-    run by parallel invocations on one work folder overlap and are not counted twice."""
-    spans = sorted(
-        (end - info["seconds"], end)
-        for info in markers
-        for end in [dt.datetime.fromisoformat(info["finished"]).timestamp()]
-    )
-    total, reach = 0.0, float("-inf")
-    for start, end in spans:
-        total += max(0.0, end - max(start, reach))
-        reach = max(reach, end)
-    return total
 
 
 def summary_of(result):

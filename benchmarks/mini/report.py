@@ -41,6 +41,21 @@ def mean_token_entropy(tokenizer, texts):
     return sum(token_entropy(i) for i in ids) / max(len(texts), 1)
 
 
+def busy_seconds(markers):
+    """Seconds during which at least one stage ran (the union of the stage markers' intervals):
+    rows run by parallel invocations on one work folder overlap and are not counted twice."""
+    spans = sorted(
+        (end - info["seconds"], end)
+        for info in markers
+        for end in [dt.datetime.fromisoformat(info["finished"]).timestamp()]
+    )
+    total, reach = 0.0, float("-inf")
+    for start, end in spans:
+        total += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    return total
+
+
 def versions(harness):
     from importlib.metadata import PackageNotFoundError, version
 
@@ -139,10 +154,29 @@ class Report:
 
         return AutoTokenizer.from_pretrained(self.base_model)
 
-    def report(self):
-        """The md/json/PNG report of every finished row (a row appears once its grid is done)."""
+    def identity(self):
+        """The report's name, date, machine and package versions."""
         from asu_simu_plugin.diagnostics import machine_info
 
+        a = self.args
+        return {
+            "name": a.name,
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "machine": {**machine_info(), "device": a.device},
+            "versions": versions(a.harness),
+        }
+
+    def timing(self):
+        """Each finished stage's seconds (in the order they finished) and the run time."""
+        markers = {p.stem: read_json(p) for p in (self.work / "stages").glob("*.json")}
+        order = sorted(markers, key=lambda stage: markers[stage]["finished"])
+        return {
+            "stage_seconds": {stage: markers[stage]["seconds"] for stage in order},
+            "total_seconds": round(busy_seconds(markers.values()), 1),
+        }
+
+    def report(self):
+        """The md/json/PNG report of every finished row (a row appears once its grid is done)."""
         a = self.args
         tokenizer = self.tokenizer()
         rows = [self.reference_row(name, tokenizer) for name in ("retain", "target")]
@@ -157,22 +191,13 @@ class Report:
             for x, y in self.equal_forgetting
             if x in by_name and y in by_name
         ]
-        markers = [(p.stem, read_json(p)) for p in (self.work / "stages").glob("*.json")]
-        stage_seconds = {
-            stage: info["seconds"]
-            for stage, info in sorted(markers, key=lambda item: item[1]["finished"])
-        }
         result = {
-            "name": a.name,
-            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "machine": {**machine_info(), "device": a.device},
-            "versions": versions(a.harness),
+            **self.identity(),
             "settings": self.settings(),
             "rows": rows,
             "equal_forgetting": comparisons,
             "goal": self.goal(by_name),
-            "stage_seconds": stage_seconds,
-            "total_seconds": round(sum(stage_seconds.values()), 1),
+            **self.timing(),
         }
         a.out.mkdir(parents=True, exist_ok=True)
         (a.out / f"{a.name}.json").write_text(json.dumps(result, indent=2) + "\n")
