@@ -242,3 +242,13 @@ def use_reference_model(path: str, record: str | None = None) -> None:
     prepare_ref_model.__asu_simu_original__ = build
     grad_diff._prepare_ref_model = prepare_ref_model
     note(built=False)
+
+
+def share_batch_scores():
+    """Share the per-batch probabilities and greedy answers of the harness's memorization
+    metrics between this process's evaluators (`asu_simu_plugin.metrics.reuse`): the ASU paper's
+    evaluator reuses what `eval=tofu` scored on the same rows. Returns the store, or None where
+    it stays off (several processes)."""
+    from asu_simu_plugin.metrics import reuse
+
+    return reuse.share(import_harness("evals.metrics.memorization"))

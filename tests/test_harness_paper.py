@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import subprocess
 from pathlib import Path
@@ -186,6 +187,58 @@ def test_a_missing_scoring_model_stops_the_run_before_generating(tiny_model, tmp
     assert "Set eval.asu_paper.nli_model=/path/to/a/local/copy" in log
     assert "Calculating" not in log  # no metric ran: nothing was generated or scored
     assert not (out / "ASU_PAPER_EVAL.json").exists()
+
+
+def both_evaluators(model_dir, out, reuse):
+    """`eval=[tofu,asu_paper]` as TOFU-mini runs it: the same batch size and answer length."""
+    generated = ["forget_Q_A_ROUGE"] + [
+        f"model_utility.pre_compute.{s}_Q_A_ROUGE" for s in ("retain", "ra", "wf")
+    ]
+    return [
+        "experiment=eval/tofu/default",
+        "forget_split=forget01",
+        "holdout_split=holdout01",
+        "eval=[tofu,asu_paper]",
+        f"task_name={out.name}",
+        *model_overrides(model_dir),
+        *CPU_EVAL,
+        f"paths.output_dir={out}",
+        "~eval.tofu.metrics.privleak",
+        "~eval.tofu.metrics.extraction_strength",
+        "eval.tofu.batch_size=8",
+        *[f"eval.tofu.metrics.{m}.generation_args.max_new_tokens=4" for m in generated],
+        "eval.asu_paper.forget_split=forget01",
+        "eval.asu_paper.rows=200",  # the paper's 300 would end retain in a batch of 4
+        "eval.asu_paper.batch_size=8",
+        "eval.asu_paper.max_new_tokens=4",
+        "eval.asu_paper.nli_model=null",
+        "eval.asu_paper.embedding_model=null",
+        f"eval.asu_paper.reuse_scores={str(reuse).lower()}",
+    ]
+
+
+def test_the_paper_evaluator_reuses_tofu_scores_and_gets_the_same_values(tiny_model, tmp_path):
+    """With reuse on, the paper's evaluator takes the probabilities and greedy answers the TOFU
+    evaluator computed on the same batches; every value equals the run that recomputes them."""
+    runs = {}
+    for reuse in (True, False):
+        out = tmp_path / f"reuse_{reuse}"
+        result = run_harness("eval.py", both_evaluators(tiny_model, out, reuse))
+        log = result.stdout + result.stderr
+        files = ("TOFU_SUMMARY.json", "ASU_PAPER_SUMMARY.json", "ASU_PAPER_EVAL.json")
+        runs[reuse] = log, [json.loads((out / f).read_text()) for f in files]
+    log, (tofu, paper, paper_logs) = runs[True]
+    reused = re.search(r"ASU_PAPER: (\d+) of (\d+) scored batches reused", log)
+    assert reused, log[-3000:]
+    hits, calls = map(int, reused.groups())
+    # retain (first 200 of 400 rows), real authors, world facts and forget01 in batches of 8:
+    # answers, paraphrases and perturbed answers scored, and answers generated, by both
+    assert calls > 100 and hits == calls
+    assert "scored batches reused" not in runs[False][0]
+    assert tofu == runs[False][1][0]
+    assert paper == runs[False][1][1]  # exactly: a reused batch is the recomputed value
+    for name, entry in paper_logs.items():
+        assert entry.get("value_by_index") == runs[False][1][2][name].get("value_by_index"), name
 
 
 # One step of each baseline (and of ASU_KL) with its paper preset, scorers off (no eval runs).

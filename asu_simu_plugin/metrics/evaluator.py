@@ -3,13 +3,18 @@
 It is the harness's plain `Evaluator` (metrics run in config order, logs in
 `ASU_PAPER_EVAL.json`, values in `ASU_PAPER_SUMMARY.json`) that, when it is built, before the
 model generates anything, loads the NLI and sentence-embedding models its metrics name, so that a
-missing one stops the run at once with the model and the key to set. `asu_simu_plugin.harness`
+missing one stops the run at once with the model and the key to set, and (`reuse_scores`, on by
+default) shares per-batch scores with the evaluators before it (`asu_simu_plugin.metrics.reuse`). `asu_simu_plugin.harness`
 puts this mixin in front of the harness's `Evaluator`.
 """
 
 from __future__ import annotations
 
+import logging
+
 from asu_simu_plugin.metrics import scorers
+
+logger = logging.getLogger(__name__)
 
 NAME = "ASU_PAPER"
 # metric handler -> (scorer kind, the metric's key naming the model)
@@ -65,3 +70,23 @@ class PaperEvaluatorMixin:
     def __init__(self, eval_cfg, **kwargs):
         check_scorer_models(eval_cfg)
         super().__init__(NAME, eval_cfg, **kwargs)
+        # built before any evaluator runs (src/eval.py, src/train.py), so the evaluators before
+        # this one record what they score, and this one reuses it
+        self.shared_scores = None
+        if eval_cfg.get("reuse_scores", True):
+            from asu_simu_plugin import harness
+
+            self.shared_scores = harness.share_batch_scores()
+
+    def evaluate(self, *args, **kwargs):
+        before = self.shared_scores.counts() if self.shared_scores else None
+        result = super().evaluate(*args, **kwargs)
+        if before is not None:
+            hits, calls = (n - b for n, b in zip(self.shared_scores.counts(), before, strict=True))
+            logger.info(
+                "%s: %d of %d scored batches reused from earlier evaluations (reuse_scores)",
+                NAME,
+                hits,
+                calls,
+            )
+        return result
