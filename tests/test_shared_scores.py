@@ -132,6 +132,15 @@ def test_a_buffer_changed_in_place_is_a_new_state(shared):
     assert module.computed == 2
 
 
+def test_a_zero3_partitioned_model_is_always_computed(shared):
+    module, store = shared
+    model = torch.nn.Linear(3, 2)
+    model.weight.ds_id = 0  # what DeepSpeed ZeRO-3 sets on the parameters it partitions
+    module.evaluate_probability(model, batch([1, 2, 3]))
+    module.evaluate_probability(model, batch([1, 2, 3]))
+    assert module.computed == 2 and store.counts() == (0, 2)
+
+
 def test_sharing_wraps_once_and_stays_off_with_several_processes(monkeypatch):
     monkeypatch.setattr(reuse, "_STORE", None)
     module = fake_memorization()
