@@ -366,3 +366,15 @@ def test_redo_repeats_a_stage_once_per_invocation(tmp_path, capsys):
     pipeline.run_stage("other", lambda: calls.append(1))  # not done yet: runs
     pipeline.run_stage("other", lambda: calls.append(1))  # done, not asked again: skipped
     assert calls == [1]
+
+
+def test_the_report_names_the_seeded_rows_only_when_rows_ran_at_several_seeds():
+    from benchmarks.mini.markdown import seeds_sentence
+
+    once = seeds_sentence({"seeds": [0], "headline": ["GradDiff", "NPO"]})
+    assert once == "Every run used seed 0, once. "
+    assert seeds_sentence({"seeds": [0, 1, 2], "headline": []}) == once
+    assert seeds_sentence({"seeds": [0, 1, 2], "headline": ["NPO", "ASU"]}) == (
+        "Rows NPO, ASU then run at seeds 0, 1, 2 at that rate "
+        "(mean ± sample std; seed 0 is the grid run itself). "
+    )

@@ -23,6 +23,17 @@ def cell(value):
     return fmt(value)
 
 
+def seeds_sentence(settings):
+    """Which rows ran at more than the grid's seed (none: every row ran once)."""
+    seeds, headline = settings["seeds"], settings["headline"]
+    if len(seeds) < 2 or not headline:
+        return f"Every run used seed {seeds[0]}, once. "
+    return (
+        f"Rows {', '.join(headline)} then run at seeds {', '.join(map(str, seeds))} at that rate "
+        f"(mean ± sample std; seed {seeds[0]} is the grid run itself). "
+    )
+
+
 def markdown(result, columns, matching_key, title, notes, script):
     """The report of `result` (the JSON) as markdown; `notes`: paragraphs before the table,
     `script`: the benchmark's run.py, named as the report's generator."""
@@ -45,10 +56,8 @@ def markdown(result, columns, matching_key, title, notes, script):
         f"unlearning {s['unlearn']['epochs']:g} epochs, per-device batch "
         f"{s['per_device_batch_size']} (× {s['gradient_accumulation_steps']} accumulation). "
         f"Learning rate, the same rule for every row: {s['selection']['rule']}. "
-        f"Rows {', '.join(s['headline']) or '–'} then run at seeds "
-        f"{', '.join(map(str, s['seeds']))} at that rate (mean ± sample std; seed "
-        f"{s['seeds'][0]} is the grid run itself). "
-        f"Total wall time {result['total_seconds'] / 60:.0f} min.",
+        + seeds_sentence(s)
+        + f"Total wall time {result['total_seconds'] / 60:.0f} min.",
         "",
         *[line for note in notes for line in (note, "")],
         "| model | lr | seeds | " + " | ".join(t for t, _, _ in columns) + " | unlearn s |",
