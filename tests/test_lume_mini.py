@@ -29,7 +29,7 @@ def test_arguments_one_grid_for_every_method(tmp_path):
     args = run.parse_args(base_args(tmp_path))
     assert args.rows == ["SOGradDiff", "SIMU", "GradDiff", "NPO", "ASU"]
     assert all(args.rates[r] == [5e-5, 1e-4, 2e-4] for r in args.rows)
-    assert (args.documents, args.nonmember_documents, args.max_new_tokens) == (4, 4, 64)
+    assert (args.documents, args.nonmember_documents, args.max_new_tokens) == (2, 2, 32)
 
 
 def test_missing_files_stop_at_the_arguments(tmp_path, capsys):
@@ -65,8 +65,8 @@ def test_overrides_point_the_experiments_at_the_mini_files(tmp_path):
     evaluation = pipe.eval_overrides(tmp_path / "m", "x", True)
     assert "experiment=eval/lume/default" in evaluation
     assert "++lume_documents_per_task=null" in evaluation and "++lume_members=true" in evaluation
-    assert "eval.lume.max_new_tokens=64" in evaluation
-    assert "data.forget.LUME_forget.args.max_length=256" in pipe.unlearn_data_overrides()
+    assert "eval.lume.max_new_tokens=32" in evaluation
+    assert "data.forget.LUME_forget.args.max_length=128" in pipe.unlearn_data_overrides()
     assert pipe.equal_forgetting == [("SIMU", "SOGradDiff")]
 
 

@@ -62,6 +62,7 @@ def plot_equal_forgetting(rows, comparisons, path, matching_key):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     by_name = {row["name"]: row for row in rows}
     fig, axes = plt.subplots(1, len(comparisons), figsize=(6.4 * len(comparisons), 4.6))
@@ -78,6 +79,8 @@ def plot_equal_forgetting(rows, comparisons, path, matching_key):
                     f"{lr:g}", (gx, gy), textcoords="offset points", xytext=(4, 4), fontsize=7
                 )
         ax.set_xscale("log")
+        # a range within one decade gets labelled minor ticks that overprint each other
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(f"{matching_key[1]} (lower = more forgotten, log)")
         ax.set_ylabel(c["utility"])
         ax.set_title(f"{c['row']} vs {c['baseline']}: lr grid (labels: lr)", fontsize=10)
