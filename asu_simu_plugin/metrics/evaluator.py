@@ -4,8 +4,8 @@ It is the harness's plain `Evaluator` (metrics run in config order, logs in
 `ASU_PAPER_EVAL.json`, values in `ASU_PAPER_SUMMARY.json`) that, when it is built, before the
 model generates anything, loads the NLI and sentence-embedding models its metrics name, so that a
 missing one stops the run at once with the model and the key to set, and (`reuse_scores`, on by
-default) shares per-batch scores with the evaluators before it (`asu_simu_plugin.metrics.reuse`). `asu_simu_plugin.harness`
-puts this mixin in front of the harness's `Evaluator`.
+default) shares per-batch scores with the evaluators before it (`asu_simu_plugin.metrics.reuse`).
+`asu_simu_plugin.harness` puts this mixin in front of the harness's `Evaluator`.
 """
 
 from __future__ import annotations
