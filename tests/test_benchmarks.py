@@ -70,6 +70,7 @@ def test_rows_rates_and_bad_options(tmp_path):
     )
     assert args.rates["GradDiff"] == [pytest.approx(1e-4)]  # 1e-5 × (1e-4 / 1e-5)
     assert args.rates["SOGradDiff"] == [pytest.approx(5e-5)] and args.rates["SIMU"] == [3e-5]
+    assert args.given_rates == ["SIMU"]  # named with --lr; the others: their default rate
     args = run.parse_args([*base, "--variant", "ASU_t=ASU:trainer.method_args.temperature=1.5,a=b"])
     assert args.variants == {"ASU_t": ("ASU", ["trainer.method_args.temperature=1.5", "a=b"])}
     assert args.rows[-1] == "ASU_t" and args.rates["ASU_t"] == [5e-5, 1e-4, 2e-4]
@@ -366,6 +367,31 @@ def test_redo_repeats_a_stage_once_per_invocation(tmp_path, capsys):
     pipeline.run_stage("other", lambda: calls.append(1))  # not done yet: runs
     pipeline.run_stage("other", lambda: calls.append(1))  # done, not asked again: skipped
     assert calls == [1]
+
+
+def test_the_report_names_the_rows_that_ran_at_a_given_rate_instead_of_the_rule():
+    from benchmarks.mini.markdown import rate_sentence
+    from benchmarks.mini.rules import GIVEN_RATE
+
+    def result(*selections):
+        rows = [{"name": "retain", "kind": "reference"}, {"name": "ASU teacher", "kind": "teacher"}]
+        rows += [
+            {"name": f"M{i}", "kind": "baseline", "selection": why}
+            for i, why in enumerate(selections)
+        ]
+        return {"settings": {"selection": {"rule": "RULE"}}, "rows": rows}
+
+    ruled = "the highest forget_quality"
+    assert (
+        rate_sentence(result(ruled, ruled)) == "Learning rate, the same rule for every row: RULE. "
+    )
+    assert rate_sentence(result(GIVEN_RATE, ruled, GIVEN_RATE)) == (
+        "Rows M0, M2 ran at one learning rate given on the command line (--lr), no grid; "
+        "the learning rate of M1: RULE. "
+    )
+    assert rate_sentence(result(GIVEN_RATE)) == (
+        "Row M0 ran at one learning rate given on the command line (--lr), no grid. "
+    )
 
 
 def test_the_report_names_the_seeded_rows_only_when_rows_ran_at_several_seeds():

@@ -125,6 +125,7 @@ def finish_run_arguments(p, args, methods):
         if len(rates) != 1:
             p.error(f"--lr {item}: one rate per row (a grid for all rows is --grid)")
         args.rates[method] = rates
+    args.given_rates = sorted({item.partition("=")[0] for item in args.lr})
     args.seeds = number_list(p, "--seeds", args.seeds, int)
     args.curves = {r: lrs for r, lrs in args.default_curves.items() if r in args.rows}
     for item in args.curve:

@@ -3,6 +3,8 @@ equal-forgetting comparisons, ASU's goal and automatic τ, sample generations an
 
 from __future__ import annotations
 
+from .rules import GIVEN_RATE
+
 
 def fmt(value):
     if value is None:
@@ -21,6 +23,18 @@ def cell(value):
             return fmt(value["mean"])
         return f"{fmt(value['mean'])} ± {fmt(value['std'])}"
     return fmt(value)
+
+
+def rate_sentence(result):
+    """The learning-rate rule, and the rows that ran at one rate given with --lr instead."""
+    rule = result["settings"]["selection"]["rule"]
+    rows = [r["name"] for r in result["rows"] if r["kind"] not in ("reference", "teacher")]
+    given = [r["name"] for r in result["rows"] if r.get("selection") == GIVEN_RATE]
+    if not given:
+        return f"Learning rate, the same rule for every row: {rule}. "
+    text = f"{'Rows' if len(given) > 1 else 'Row'} {', '.join(given)} ran at one learning rate {GIVEN_RATE}, no grid"
+    others = [r for r in rows if r not in given]
+    return text + (f"; the learning rate of {', '.join(others)}: {rule}. " if others else ". ")
 
 
 def seeds_sentence(settings):
@@ -55,7 +69,7 @@ def markdown(result, columns, matching_key, title, notes, script):
         f"Finetune {s['finetune']['epochs']:g} epochs at lr {s['finetune']['learning_rate']:g}; "
         f"unlearning {s['unlearn']['epochs']:g} epochs, per-device batch "
         f"{s['per_device_batch_size']} (× {s['gradient_accumulation_steps']} accumulation). "
-        f"Learning rate, the same rule for every row: {s['selection']['rule']}. "
+        + rate_sentence(result)
         + seeds_sentence(s)
         + f"Total wall time {result['total_seconds'] / 60:.0f} min.",
         "",

@@ -21,7 +21,7 @@ import sys
 import time
 
 from .report import Report, read_json
-from .rules import select_rate
+from .rules import GIVEN_RATE, select_rate
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -339,7 +339,7 @@ class Pipeline(Report):
         """(rate, why) by `select_rate` over the row's finished grid runs."""
         runs = self.runs_of(row)
         if len(runs) == 1:
-            return runs[0].lr, "one rate given"
+            return runs[0].lr, GIVEN_RATE if row in self.args.given_rates else "the only rate"
         results = {r.lr: self.summary(r.name) for r in runs}
         return select_rate(results, self.summary("target"), self.args.utility_floor, self.selection)
 

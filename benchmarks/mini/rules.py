@@ -17,6 +17,9 @@ SELECTION_RULE = (
     "highest {utility}"
 )
 
+# a row's selection when it ran at one rate named with --lr (no grid, no rule)
+GIVEN_RATE = "given on the command line (--lr)"
+
 
 def select_rate(results, target, floor, keys):
     """The rule every row's rate is chosen by, from its grid runs (seed 0).
