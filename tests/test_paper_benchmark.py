@@ -60,9 +60,26 @@ def test_summary_merges_the_paper_values_and_the_notes_name_the_scorers(tmp_path
     (note,) = pipeline.notes(
         {"settings": {"paper": {"nli_model": None, "embedding_model": "/m/minilm"}}}
     )
-    assert "scored with embedding_model /m/minilm" in note
+    assert "scored with embedding_model minilm (a stand-in for the paper's paraphrase-" in note
     assert "leave out the entailment score (nli_model none)" in note
     assert "not the paper's numbers" in note
+    # the paper's two models (local copies): named, and the values are the paper's measures
+    paper = {
+        "nli_model": "/m/deberta-v3-base-tasksource-nli",
+        "embedding_model": "/x/paraphrase-MiniLM-L6-v2",
+    }
+    (note,) = pipeline.notes({"settings": {"paper": paper}})
+    assert note.endswith(
+        "scored with nli_model deberta-v3-base-tasksource-nli, "
+        "embedding_model paraphrase-MiniLM-L6-v2."
+    )
+    # a stand-in alone makes them other numbers than the paper's
+    paper["embedding_model"] = "/m/wordllama-l2_supercat_256"
+    (note,) = pipeline.notes({"settings": {"paper": paper}})
+    assert note.endswith(
+        "embedding_model wordllama-l2_supercat_256 (a stand-in for the paper's "
+        "paraphrase-MiniLM-L6-v2), so they are not the paper's numbers."
+    )
 
 
 def test_idk_rows_read_the_refusals_by_absolute_path(tmp_path):

@@ -130,6 +130,18 @@ def paper_columns(nli_model, embedding_model):
     ]
 
 
+def scorer_name(key, value):
+    """A scoring model as a report names it: its folder or hub name, and, where it is not the
+    paper's (e.g. benchmarks/mini/embedding.py's WordLlama), the model it stands in for."""
+    from asu_simu_plugin.metrics.scorers import EMBEDDING_DEFAULT, NLI_DEFAULT
+
+    paper = {"nli_model": NLI_DEFAULT, "embedding_model": EMBEDDING_DEFAULT}[key]
+    name = Path(value).name
+    if name == Path(paper).name:
+        return f"{key} {name}"
+    return f"{key} {name} (a stand-in for the paper's {paper})"
+
+
 def add_tofu_arguments(p, name="tofu_mini"):
     """The TOFU data, sizes, epochs and scorers (continual-mini shares them)."""
     p.add_argument("--data", required=True, type=Path, help="folder holding locuslab/TOFU/")
@@ -343,16 +355,16 @@ class Pipeline(pipeline.Pipeline):
             for what, key in (("entailment score", "nli_model"), ("cosine similarity", "embedding_model"))
             if scorers.get(key) is None
         ]  # fmt: skip
-        used = [f"{key} {value}" for key, value in scorers.items() if value is not None]
+        used = [scorer_name(key, value) for key, value in scorers.items() if value is not None]
         text = (
             "The paper's Model Utility / Forget Efficacy (eval=asu_paper, docs/asu_paper.md) on "
             "this benchmark's rows, with answers of at most --max-new-tokens tokens"
         )
         text += f", scored with {', '.join(used)}" if used else ""
         if left_out:
-            text += (
-                f"; they leave out {' and '.join(left_out)}, so they are not the paper's numbers"
-            )
+            text += f"; they leave out {' and '.join(left_out)}"
+        if left_out or any("stand-in" in u for u in used):
+            text += ", so they are not the paper's numbers"
         return [text + "."]
 
     def goal(self, rows):
