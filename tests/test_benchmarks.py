@@ -404,3 +404,20 @@ def test_the_report_names_the_seeded_rows_only_when_rows_ran_at_several_seeds():
         "Rows NPO, ASU then run at seeds 0, 1, 2 at that rate "
         "(mean ± sample std; seed 0 is the grid run itself). "
     )
+
+
+@pytest.mark.parametrize("flag, scored", [([], ["ASU"]), (["--no-teachers"], [])])
+def test_the_plan_scores_an_asu_rows_teacher_unless_told_not_to(tmp_path, flag, scored):
+    args = run.parse_args(
+        [*fake_tree(tmp_path), "--methods", "NPO", "ASU", "--grid", "1e-4", "--headline", *flag]
+    )
+    pipeline = run.Pipeline(args)
+    ran, teachers = [], []
+    pipeline.setup = pipeline.report = lambda: None
+    pipeline.unlearn_and_evaluate = lambda r: ran.append(r.name)
+    pipeline.teacher_setting = lambda row: (4.0, None) if row == "ASU" else None
+    pipeline.evaluate_teacher = lambda row: teachers.append(row) or {}
+    pipeline.run()
+    # the rows run either way (a row's seed-0 run is asked for again as a seed: its marker skips it)
+    assert list(dict.fromkeys(ran)) == ["NPO_lr0.0001_s0", "ASU_lr0.0001_s0"]
+    assert teachers == scored

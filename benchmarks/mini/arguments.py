@@ -80,6 +80,12 @@ def add_run_arguments(p, methods, defaults=None, headline=(), curves=None):
         default=None,
         help="stop every finetune and unlearning run after this many steps (smoke checks)",
     )
+    p.add_argument(
+        "--no-teachers",
+        dest="teachers",
+        action="store_false",
+        help="do not score an ASU row's forget-teacher (one evaluation per ASU row saved)",
+    )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--redo", action="append", default=[], metavar="STAGE")
     p.add_argument(

@@ -380,7 +380,7 @@ class Pipeline(Report):
         for row in self.args.rows:
             for run in [*self.runs_of(row), *self.curve_runs(row)]:
                 self.unlearn_and_evaluate(run)
-            if self.teacher_setting(row):
+            if self.args.teachers and self.teacher_setting(row):
                 self.run_stage(f"eval_teacher_{row}", functools.partial(self.evaluate_teacher, row))
         for row in self.args.rows:
             for run in self.seed_runs(row):
