@@ -169,6 +169,9 @@ def test_report_aggregates_seeds_and_compares_at_equal_forgetting(tmp_path):
         (unlearned / "asu_temperature.json").write_text(json.dumps(choice))
         for ext in ("csv", "png"):
             (unlearned / f"asu_tau_sweep.{ext}").write_text(f"seed {seed}")
+    # the ASU paper's aggregates of one run (eval=asu_paper), shown in the grid too
+    paper = {"paper_model_utility": 0.41, "paper_forget_efficacy": 0.77}
+    (work / "evals" / "NPO_lr0.0001_s0" / "ASU_PAPER_SUMMARY.json").write_text(json.dumps(paper))
     pipeline.tokenizer = WordTokenizer
     pipeline.report()
 
@@ -210,6 +213,10 @@ def test_report_aggregates_seeds_and_compares_at_equal_forgetting(tmp_path):
     md = (tmp_path / "out" / "tofu_mini.md").read_text()
     assert "- ASU seed 1: τ 2.5, layers 0-9 (rule)" in md
     assert "| SIMU | *5.00e-04* |" in md
+    grid = "| model | lr | forget_quality | model_utility | forget_Q_A_Prob | token_entropy | "
+    assert grid + "empty_share | paper_model_utility | paper_forget_efficacy |" in md
+    assert "| NPO | **1.00e-04** | 0.200 | 0.390 | 0.500 | 1.000 | 0.000 | 0.410 | 0.770 |" in md
+    assert "| NPO | 2.00e-04 | 0.900 | 0.300 | 0.100 | 1.000 | 0.000 | – | – |" in md
     assert "| ASU (ours) | 2.00e-04 | 2 | 0.600 ± 0.141 |" in md
     for png in ("tofu_mini.png", "tofu_mini_equal_forgetting.png"):
         assert (tmp_path / "out" / png).stat().st_size > 10_000

@@ -48,12 +48,13 @@ def seeds_sentence(settings):
     )
 
 
-def markdown(result, columns, matching_key, title, notes, script):
+def markdown(result, columns, matching_key, title, notes, script, grid_extra=()):
     """The report of `result` (the JSON) as markdown; `notes`: paragraphs before the table,
-    `script`: the benchmark's run.py, named as the report's generator."""
+    `script`: the benchmark's run.py, named as the report's generator; `grid_extra`: more summary
+    keys for the learning-rate grid's table."""
     s, m, v = result["settings"], result["machine"], result["versions"]
     grid_keys = [k for k in (s["selection"]["keys"][1], s["selection"]["keys"][0])]
-    grid_keys += [matching_key[0], "token_entropy", "empty_share"]
+    grid_keys += [matching_key[0], "token_entropy", "empty_share", *grid_extra]
     grid_keys = list(dict.fromkeys(grid_keys))  # the matching key may be a selection key
     lines = [
         f"# {title}",

@@ -83,6 +83,8 @@ class Report:
     `seed_runs`, `summary`, and the work folder). A benchmark provides `generations`, `title`,
     `plot` and, where it states one, `goal`."""
 
+    grid_extra = ()  # summary keys the learning-rate grid's table adds to the selection's
+
     def generations(self, name):
         """(first input, the generations the report measures) of one evaluation."""
         raise NotImplementedError
@@ -257,6 +259,7 @@ class Report:
             self.title(result),
             notes=self.notes(result),
             script=self.script,
+            grid_extra=self.grid_extra,
         )
 
     def notes(self, result):

@@ -202,6 +202,7 @@ class Pipeline(pipeline.Pipeline):
     equal_forgetting = EQUAL_FORGETTING
     matching_key = ("forget_Q_A_Prob", "forget probability")
     teacher_experiment = "eval/tofu/asu_teacher"
+    grid_extra = PAPER_KEYS
 
     def __init__(self, args):
         super().__init__(args)
