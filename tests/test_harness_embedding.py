@@ -39,18 +39,17 @@ def run_python(python, *args):
     )
 
 
+def build(python, dest, package_dir):
+    return run_python(
+        python, "-m", "benchmarks.mini.embedding", str(dest), "--package-dir", str(package_dir)
+    )
+
+
 def test_the_stand_in_is_the_mean_of_the_token_rows_and_loads_as_sentence_transformers(tmp_path):
     _, python = harness_paths()
     table = fake_wordllama(tmp_path / "wordllama").astype(np.float32)
     dest = tmp_path / "standin"
-    built = run_python(
-        python,
-        "-m",
-        "benchmarks.mini.embedding",
-        str(dest),
-        "--package-dir",
-        str(tmp_path / "wordllama"),
-    )
+    built = build(python, dest, tmp_path / "wordllama")
     assert built.returncode == 0, built.stderr[-2000:]
     encode = (
         "import json, sys; from sentence_transformers import SentenceTransformer; "
@@ -66,22 +65,8 @@ def test_the_stand_in_is_the_mean_of_the_token_rows_and_loads_as_sentence_transf
         want = table[ids].mean(axis=0) if ids else np.zeros(table.shape[1])
         np.testing.assert_allclose(vector, want, rtol=1e-6, atol=1e-6)
     # nothing overwritten; a folder without WordLlama's files named
-    again = run_python(
-        python,
-        "-m",
-        "benchmarks.mini.embedding",
-        str(dest),
-        "--package-dir",
-        str(tmp_path / "wordllama"),
-    )
+    again = build(python, dest, tmp_path / "wordllama")
     assert again.returncode != 0 and f"{dest} exists: remove it" in again.stderr
-    empty = run_python(
-        python,
-        "-m",
-        "benchmarks.mini.embedding",
-        str(tmp_path / "x"),
-        "--package-dir",
-        str(tmp_path),
-    )
+    empty = build(python, tmp_path / "x", tmp_path)
     assert empty.returncode != 0 and "l2_supercat_256.safetensors" in empty.stderr
     assert "install wordllama" in empty.stderr and not (tmp_path / "x").exists()

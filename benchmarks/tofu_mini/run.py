@@ -130,16 +130,25 @@ def paper_columns(nli_model, embedding_model):
     ]
 
 
+def paper_model(key):
+    """The paper's scoring model for `nli_model` / `embedding_model`."""
+    from asu_simu_plugin.metrics.scorers import EMBEDDING_DEFAULT, NLI_DEFAULT
+
+    return {"nli_model": NLI_DEFAULT, "embedding_model": EMBEDDING_DEFAULT}[key]
+
+
+def is_paper_model(key, value):
+    """Whether a path or hub id names the paper's model (a local copy keeps its folder name)."""
+    return Path(value).name == Path(paper_model(key)).name
+
+
 def scorer_name(key, value):
     """A scoring model as a report names it: its folder or hub name, and, where it is not the
     paper's (e.g. benchmarks/mini/embedding.py's WordLlama), the model it stands in for."""
-    from asu_simu_plugin.metrics.scorers import EMBEDDING_DEFAULT, NLI_DEFAULT
-
-    paper = {"nli_model": NLI_DEFAULT, "embedding_model": EMBEDDING_DEFAULT}[key]
     name = Path(value).name
-    if name == Path(paper).name:
+    if is_paper_model(key, value):
         return f"{key} {name}"
-    return f"{key} {name} (a stand-in for the paper's {paper})"
+    return f"{key} {name} (a stand-in for the paper's {paper_model(key)})"
 
 
 def add_tofu_arguments(p, name="tofu_mini"):
@@ -364,7 +373,8 @@ class Pipeline(pipeline.Pipeline):
         text += f", scored with {', '.join(used)}" if used else ""
         if left_out:
             text += f"; they leave out {' and '.join(left_out)}"
-        if left_out or any("stand-in" in u for u in used):
+        stand_ins = [k for k, v in scorers.items() if v is not None and not is_paper_model(k, v)]
+        if left_out or stand_ins:
             text += ", so they are not the paper's numbers"
         return [text + "."]
 
